@@ -1,0 +1,226 @@
+"""Command line: `python -m core prune|inspect|methods`. Flags map onto the same Recipe the Space and bot use."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+
+from .errors import PruningError, RecipeError
+
+logger = logging.getLogger("core")
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+
+
+def parse_count(text: str) -> int:
+    """'800M', '1.2B', '250k' or a plain integer."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (use e.g. 800M, 1.2B or 123456)")
+    return int(round(float(match.group(1)) * _SUFFIX.get(match.group(2).lower(), 1)))
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="Hub id or local folder (default: the shipped reference model)")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub model")
+    p.add_argument("--dtype", help="auto (default), float32, bfloat16, float16")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device-map", help="e.g. 'auto' to spread a large model over devices / CPU")
+    p.add_argument("--allow-pickle", action="store_true", default=None, help="accept *.bin pickle weights")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="run the repository's own modeling code (only for repositories you trust)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and write it to a folder")
+    _add_load_args(p)
+    p.add_argument("--recipe", help="YAML recipe; flags given here override its fields")
+    p.add_argument("--method", help="mlp_width, attention_heads, depth (or an MLP score name, e.g. maw)")
+    p.add_argument("--score", help="importance score of the method (see `python -m core methods`)")
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--ratio", type=float, help="fraction of the pruned component removed, in [0, 1)")
+    t.add_argument("--param-ratio", type=float, help="fraction of all parameters removed, in [0, 1)")
+    t.add_argument("--target-params", type=parse_count, help="parameter count after pruning, e.g. 800M")
+    t.add_argument("--expansion-rate", type=float, help="MLP width = rate x hidden size")
+    t.add_argument("--width", type=int, help="absolute MLP width")
+    p.add_argument("--round-to", type=int, help="round MLP widths to a multiple (e.g. 64, 128, 256)")
+    p.add_argument("--layer-ratios", type=_float_list, help="explicit per-layer ratios, comma separated")
+    p.add_argument("--protect-first", type=int, help="leave the first N layers untouched")
+    p.add_argument("--protect-last", type=int, help="leave the last N layers untouched")
+    p.add_argument("--mode", help="head pruning: kv_group (default) or query")
+    p.add_argument("--unit", help="depth pruning: block (default), attention or mlp")
+    p.add_argument("--layers", type=_int_list, help="depth pruning: remove exactly these units, e.g. 3,5")
+    p.add_argument("--calib", help="calibration: builtin, a .txt/.jsonl file, or dataset:NAME[:CONFIG]")
+    p.add_argument("--calib-samples", type=int, help="number of calibration windows (default 32)")
+    p.add_argument("--calib-seq-len", type=int, help="tokens per window (default 128)")
+    p.add_argument("--calib-seed", type=int, help="seed of the window sampling (default 42)")
+    p.add_argument("--calib-split", help="dataset split (default train)")
+    p.add_argument("--calib-text-field", help="text field of .jsonl / dataset records (default text)")
+    p.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
+    p.add_argument("--seed", type=int, help="seed of random scores")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+
+    i = sub.add_parser("inspect", help="architecture and parameter counts (no weights are loaded)")
+    _add_load_args(i)
+    m = sub.add_parser("methods", help="list methods, scores and options")
+    m.add_argument("--json", action="store_true")
+    m.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from .recipe import Recipe
+
+    data: dict = {}
+    if args.recipe:
+        import yaml
+
+        try:
+            with open(args.recipe, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as err:
+            raise RecipeError(f"Cannot read recipe {args.recipe}: {err.strerror}.") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{args.recipe} is not a YAML mapping.")
+        data.pop("result", None)
+
+    def put(section: str | None, key: str, value) -> None:
+        if value is None:
+            return
+        target = data.setdefault(section, {}) if section else data
+        target[key] = value
+
+    for key in ("model", "revision", "method", "score", "round_to", "batch_size", "seed"):
+        put(None, key, getattr(args, key))
+    targets = {k: getattr(args, k) for k in ("ratio", "param_ratio", "target_params", "expansion_rate", "width")
+               if getattr(args, k) is not None}
+    if targets:
+        data["target"] = targets
+    put("layers", "ratios", args.layer_ratios)
+    put("layers", "protect_first", args.protect_first)
+    put("layers", "protect_last", args.protect_last)
+    for key in ("mode", "unit", "layers"):
+        put("options", key, getattr(args, key))
+    for flag, key in (("calib", "source"), ("calib_samples", "n_samples"), ("calib_seq_len", "seq_len"),
+                      ("calib_seed", "seed"), ("calib_split", "split"), ("calib_text_field", "text_field")):
+        put("calibration", key, getattr(args, flag))
+    for key in ("dtype", "device", "device_map", "allow_pickle", "trust_remote_code"):
+        put("load", key, getattr(args, key))
+    if "method" not in data:
+        raise RecipeError("No method given: pass --method (see `python -m core methods`) or --recipe FILE.")
+    if "target" not in data:
+        raise RecipeError("No target given: pass one of --ratio, --param-ratio, --target-params, "
+                          "--expansion-rate, --width (or a recipe with target:).")
+    return Recipe.from_dict(data)
+
+
+def _emit(args, payload: dict, lines: list[str]) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .export import save_pruned
+    from .prune import run_recipe
+
+    recipe = _recipe_from_args(args)
+    result = run_recipe(recipe, bars=not args.quiet and not args.json)
+    out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    summary = result.summary()
+    lines = [
+        f"method      {result.recipe.method} ({result.recipe.score or '-'})",
+        f"parameters  {summary['params_before']:,} -> {summary['params_after']:,} "
+        f"({summary['params_removed_fraction']:.1%} removed)",
+        f"layers      {summary['num_layers'][0]} -> {summary['num_layers'][1]}",
+        f"layout      {'uniform: loads with AutoModelForCausalLM.from_pretrained' if result.uniform else 'per-layer: loads with core.load_pruned'}",
+        f"time        {summary['prune_seconds']:.1f} s",
+        f"written to  {out}",
+    ]
+    _emit(args, {"out": str(out), "recipe": result.recipe.to_dict(), "result": summary}, lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .architectures import spec_for_config
+    from .layer_config import head_dim, layer_shapes
+    from .model_io import LoadOptions, build_empty, load_config, resolve_model_name
+    from .params import count_parameters
+
+    name = resolve_model_name(args.model)
+    opts = LoadOptions(revision=args.revision, trust_remote_code=bool(args.trust_remote_code))
+    config = load_config(name, opts)
+    spec = spec_for_config(config)
+    counts = count_parameters(build_empty(config), spec)
+    shapes = layer_shapes(config)
+    info = {
+        "model": name, "family": spec.family, "model_type": config.model_type,
+        "hidden_size": config.hidden_size, "num_layers": config.num_hidden_layers, "head_dim": head_dim(config),
+        "vocab_size": config.vocab_size, "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "per_layer": bool(getattr(config, "is_heterogeneous", False)),
+        "layers": [{"layer": i, **s.overrides(), **counts["layers"][i]} for i, s in enumerate(shapes)],
+        "parameters": {k: v for k, v in counts.items() if k != "layers"},
+    }
+    p = info["parameters"]
+    s0 = shapes[0]
+    lines = [
+        f"model       {name}",
+        f"family      {spec.family} ({config.model_type}){'  per-layer sizes' if info['per_layer'] else ''}",
+        f"shape       {config.num_hidden_layers} layers, hidden {config.hidden_size}, heads {s0.num_attention_heads} "
+        f"(KV {s0.num_key_value_heads}, dim {info['head_dim']}), MLP {s0.intermediate_size}, vocab {config.vocab_size}",
+        f"parameters  total {p['total']:,} = embeddings {p['embeddings']:,} + lm_head {p['lm_head']:,} + "
+        f"attention {p['attention']:,} + mlp {p['mlp']:,} + norms {p['total'] - p['embeddings'] - p['lm_head'] - p['attention'] - p['mlp']:,}",
+    ]
+    if info["per_layer"]:
+        lines += [f"  layer {l['layer']:>3}: heads {l['num_attention_heads']}/{l['num_key_value_heads']} "
+                  f"mlp {l['intermediate_size']} skip {','.join(l.get('skip', [])) or '-'}" for l in info["layers"]]
+    _emit(args, info, lines)
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .methods import METHODS
+
+    payload = {}
+    lines = []
+    for name, method in METHODS.items():
+        scores = {s: method.scores.get(s).doc for s in method.scores} if method.scores else {}
+        options = {f.name: f.default for f in dataclasses.fields(method.Options)}
+        payload[name] = {"default_score": method.default_score, "scores": scores, "options": options}
+        lines.append(f"{name} (default score: {method.default_score})")
+        lines += [f"  score {s:<12} {doc}" for s, doc in scores.items()]
+        lines += [f"  option {k} = {v!r}" for k, v in options.items()]
+    _emit(args, payload, lines)
+
+
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet or args.json else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        COMMANDS[args.command](args)
+    except PruningError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    return 0

@@ -1,0 +1,77 @@
+"""Writing a pruned model to a folder: weights (safetensors, sharded), config, tokenizer, generation config,
+pruning_recipe.yaml and a model card. Everything is written to a temporary folder next to the target and moved
+into place at the end, so a failure never leaves a half-written output."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .card import base_license, model_card
+from .errors import OutputExistsError
+from .prune import PruneResult
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILE = "pruning_recipe.yaml"
+
+
+def load_snippet(result: PruneResult, repo: str) -> str:
+    if result.uniform:
+        return ("from transformers import AutoModelForCausalLM\n"
+                f"model = AutoModelForCausalLM.from_pretrained({repo!r})")
+    return ("# per-layer sizes: load with the pruning tool (plain transformers does not build per-layer layers yet)\n"
+            "import core\n"
+            f"model = core.load_pruned({repo!r})")
+
+
+def recipe_document(result: PruneResult) -> dict:
+    """The content of pruning_recipe.yaml: the recipe that was run plus its measured result."""
+    doc = result.recipe.to_dict()
+    doc["result"] = result.summary()
+    return doc
+
+
+def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool = False,
+                max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None) -> Path:
+    """Write the pruned model to `out_dir` atomically. Returns the final path."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists. Choose another --out folder or pass --overwrite.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {})
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s", out)
+    return out
+
+
+def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict) -> None:
+    model = result.model
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    if result.tokenizer is not None:
+        result.tokenizer.save_pretrained(folder)
+    doc = recipe_document(result)
+    recipe_yaml = yaml.safe_dump(doc, sort_keys=False)
+    (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
+    summary = dict(doc["result"], method=result.recipe.method, score=result.recipe.score,
+                   license=base_license(result.base_model, result.base_revision))
+    card = model_card(summary, yaml.safe_dump(result.recipe.to_dict(), sort_keys=False), repo_name,
+                      load_snippet(result, repo_name))
+    card.save(folder / "README.md")
+    for name, content in extra_files.items():
+        (folder / name).write_text(content, encoding="utf-8")

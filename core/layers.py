@@ -1,0 +1,140 @@
+"""Decoder-layer plumbing shared by pruning and reloading: find layers, build a layer from its own config,
+and stand-ins for removed (skipped) attention / MLP sub-layers.
+
+Reloading a per-layer checkpoint and pruning in memory both go through `build_layer`, so a pruned model and its
+reloaded copy are built by the same code.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .architectures import ArchSpec
+
+SKIP_ATTENTION = "attention"
+SKIP_MLP = "mlp"
+# per-layer config key naming the skipped branches that keep a constant (bias) in place of their output
+SKIP_BIAS_KEY = "skip_bias"
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_submodule(root, parent_path), name, module)
+
+
+def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    return get_submodule(model, spec.layers)
+
+
+def decoder_layer_class(model_class: type) -> type:
+    """The decoder-layer class of a transformers model class (named first in its `_no_split_modules`)."""
+    name = model_class._no_split_modules[0]
+    return getattr(sys.modules[model_class.__module__], name)
+
+
+class SkippedAttention(nn.Module):
+    """Stands in for a removed attention sub-layer: outputs zeros, or a learned/computed constant `bias`.
+
+    It still records zero-width keys/values in the KV cache so that sequence-length bookkeeping (positions,
+    masks) keeps working when layer 0's attention is the one removed; the cache costs no memory.
+    """
+
+    def __init__(self, hidden_size: int, layer_idx: int, with_bias: bool = False) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.layer_idx = layer_idx
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if with_bias else None
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], 0)
+            past_key_values.update(empty, empty, self.layer_idx)
+        out = torch.zeros_like(hidden_states)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out, None
+
+
+class SkippedMlp(nn.Module):
+    """Stands in for a removed MLP sub-layer: outputs zeros, or a constant `bias`."""
+
+    def __init__(self, hidden_size: int, with_bias: bool = False) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if with_bias else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+
+def apply_skips(layer: nn.Module, spec: ArchSpec, layer_config, layer_idx: int) -> None:
+    """Replace the branches named in `layer_config.skip` by their stand-ins (and their output norms by identity,
+    so a stored constant joins the residual stream unchanged)."""
+    skip = set(getattr(layer_config, "skip", None) or ())
+    with_bias = set(getattr(layer_config, SKIP_BIAS_KEY, None) or ())
+    hidden = layer_config.hidden_size
+    if SKIP_ATTENTION in skip:
+        set_submodule(layer, spec.attention.module, SkippedAttention(hidden, layer_idx, SKIP_ATTENTION in with_bias))
+        if "attention_out" in spec.norms:
+            set_submodule(layer, spec.norms["attention_out"], nn.Identity())
+    if SKIP_MLP in skip:
+        set_submodule(layer, spec.mlp.module, SkippedMlp(hidden, SKIP_MLP in with_bias))
+        if "mlp_out" in spec.norms:
+            set_submodule(layer, spec.norms["mlp_out"], nn.Identity())
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def per_layer_construction(layer_class: type, spec: ArchSpec) -> Iterator[None]:
+    """While active, `layer_class(config, i)` builds layer i from `config.per_layer_config[i]` and applies its skips.
+
+    transformers reads `per_layer_config` in configs but the Llama-family modeling code does not consume it yet;
+    this is the one place where we make it do so, so that `from_pretrained` machinery (sharding, device maps,
+    dtypes, Hub downloads) works unchanged for per-layer checkpoints.
+    """
+    original_init = layer_class.__init__
+
+    def init(self, config, layer_idx, *args, **kwargs):
+        layer_config = config.per_layer_config[layer_idx] if config.is_heterogeneous else config
+        original_init(self, layer_config, layer_idx, *args, **kwargs)
+        apply_skips(self, spec, layer_config, layer_idx)
+
+    with _PATCH_LOCK:
+        layer_class.__init__ = init
+        try:
+            yield
+        finally:
+            layer_class.__init__ = original_init
+
+
+def build_layer(layer_class: type, spec: ArchSpec, layer_config, layer_idx: int,
+                state: dict[str, torch.Tensor]) -> nn.Module:
+    """Build one decoder layer from its own config and fill it with `state` (tensors are used, not copied)."""
+    with torch.device("meta"):
+        layer = layer_class(layer_config, layer_idx)
+    apply_skips(layer, spec, layer_config, layer_idx)
+    layer.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
+    assert not leftover, f"tensors left uninitialised after rebuilding layer {layer_idx}: {leftover}"
+    return layer
+
+
+def set_layer_index(layer: nn.Module, layer_idx: int) -> None:
+    """Renumber a decoder layer (and its attention's KV-cache slot) after blocks before it were removed."""
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = layer_idx

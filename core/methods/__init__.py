@@ -1,0 +1,102 @@
+"""Pruning methods: each turns a recipe into layer plans for the surgery module. Filled by the submodules."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..architectures import ArchSpec
+from ..calibration import load_calibration
+from ..errors import InvalidTargetError, RecipeError
+from ..pipeline import LayerwiseRunner
+from ..progress import Progress
+from ..recipe import Recipe
+from ..registry import Registry
+from ..scores import Score
+
+
+@dataclass
+class PruneContext:
+    """What a method works with; calibration data is loaded on first use."""
+
+    model: nn.Module
+    tokenizer: Any
+    spec: ArchSpec
+    recipe: Recipe
+    progress: Progress
+    _calibration: torch.Tensor | None = field(default=None, repr=False)
+
+    def calibration_ids(self) -> torch.Tensor:
+        if self._calibration is None:
+            self._calibration = load_calibration(self.tokenizer, self.recipe.calibration)
+        return self._calibration
+
+    def runner(self) -> LayerwiseRunner:
+        return LayerwiseRunner(self.model, self.spec, self.calibration_ids(), self.recipe.batch_size)
+
+    def layer_seed(self, layer_idx: int) -> int:
+        return self.recipe.seed * 100_003 + layer_idx
+
+
+class Method:
+    """Base class. Subclasses set `name`, `scores` (a registry or None), `default_score` and `Options`."""
+
+    name: ClassVar[str]
+    scores: ClassVar[Registry[Score] | None] = None
+    default_score: ClassVar[str | None] = None
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def score_name(self, recipe: Recipe) -> str | None:
+        return recipe.score or self.default_score
+
+    def score(self, recipe: Recipe) -> Score | None:
+        name = self.score_name(recipe)
+        return self.scores.get(name) if self.scores is not None and name else None
+
+    def options(self, recipe: Recipe):
+        fields = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(recipe.options) - fields)
+        if unknown:
+            raise RecipeError(f"Method {self.name!r} has no option {unknown[0]!r}; its options are: "
+                              f"{', '.join(sorted(fields)) or 'none'}.")
+        return self.Options(**recipe.options)
+
+    def validate(self, recipe: Recipe) -> None:
+        """Raise on anything wrong with the recipe for this method, before any model is touched."""
+        if self.scores is None and recipe.score:
+            raise RecipeError(f"Method {self.name!r} takes no score (got {recipe.score!r}).")
+        self.score(recipe)
+        self.options(recipe)
+        if (recipe.target.expansion_rate is not None or recipe.target.width is not None) and self.name != "mlp_width":
+            raise InvalidTargetError("expansion_rate and width targets apply to MLP width pruning only.")
+
+    def needs_data(self, recipe: Recipe) -> bool:
+        score = self.score(recipe)
+        return bool(score and score.needs_data)
+
+    def run(self, ctx: PruneContext) -> dict:
+        """Prune `ctx.model` in place; returns a method-specific report (JSON-able) for the recipe output."""
+        raise NotImplementedError
+
+
+METHODS: Registry[Method] = Registry("pruning method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS.add(cls.name, cls())
+    return cls
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores, in ascending index order (ties broken by lower index)."""
+    order = torch.argsort(scores.float().cpu(), descending=True, stable=True)
+    return sorted(order[:k].tolist())
+
+
+from . import depth, heads, width  # noqa: E402,F401  (fill the registry)

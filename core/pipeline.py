@@ -1,0 +1,120 @@
+"""The layer-by-layer pipeline shared by every data-driven method.
+
+Capture the hidden states entering block 0 (and the keyword arguments every block receives), then for each block:
+calibrate (hooks on that block only) -> score -> slice -> recompute its outputs, which become the next block's
+inputs. Only one block's activations exist at a time, so peak memory is the weights plus one layer's activations.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .architectures import ArchSpec
+from .layers import decoder_layers
+
+logger = logging.getLogger(__name__)
+
+
+class _Catcher(nn.Module):
+    """Takes a decoder layer's place for one forward: records its inputs and passes hidden states through."""
+
+    def __init__(self, record: Callable[[torch.Tensor, dict], None]) -> None:
+        super().__init__()
+        self.record = record
+
+    def forward(self, hidden_states, *args, **kwargs):
+        assert not args, "decoder layers are expected to take everything but hidden_states by keyword"
+        self.record(hidden_states, kwargs)
+        return hidden_states
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class LayerwiseRunner:
+    """Feeds calibration batches through a model's decoder one block at a time.
+
+    input_ids: [n, T] calibration tokens; batches of `batch_size` rows. `store_device` holds the hidden states
+    between blocks (default: the device of block 0; 'cpu' to offload them).
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, batch_size: int = 8,
+                 store_device: str | torch.device | None = None) -> None:
+        self.model = model
+        self.spec = spec
+        self.layers = decoder_layers(model, spec)
+        self.store_device = torch.device(store_device) if store_device else _device_of(self.layers[0])
+        self.hidden: list[torch.Tensor] = []
+        self.layer_kwargs: list[list[dict]] = []  # [batch][layer] -> kwargs
+        self._capture(input_ids, batch_size)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    @torch.no_grad()
+    def _capture(self, input_ids: torch.Tensor, batch_size: int) -> None:
+        parent_path = self.spec.layers.rpartition(".")[0]
+        decoder = self.model.get_submodule(parent_path)
+        originals = list(self.layers)
+        device = _device_of(self.model.get_input_embeddings())
+        try:
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start:start + batch_size].to(device)
+                per_layer: list[dict] = []
+
+                def record(hidden, kwargs, per_layer=per_layer):
+                    if not per_layer:
+                        self.hidden.append(hidden.to(self.store_device))
+                    per_layer.append(kwargs)
+
+                for i in range(len(originals)):
+                    self.layers[i] = _Catcher(record)
+                decoder(input_ids=batch, use_cache=False)
+                self.layer_kwargs.append(per_layer)
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+    @torch.no_grad()
+    def run_layer(self, layer_idx: int) -> list[torch.Tensor]:
+        """Outputs of block `layer_idx` (as it is now) for every stored batch."""
+        layer = self.layers[layer_idx]
+        device = _device_of(layer)
+        outputs = []
+        for hidden, kwargs in zip(self.hidden, self.layer_kwargs):
+            out = _first(layer(hidden.to(device), **kwargs[layer_idx]))
+            outputs.append(out.to(self.store_device))
+        return outputs
+
+    def advance(self, layer_idx: int, outputs: list[torch.Tensor] | None = None) -> None:
+        """Make the outputs of block `layer_idx` the stored hidden states (recomputed unless given)."""
+        self.hidden = outputs if outputs is not None else self.run_layer(layer_idx)
+
+    def drop_layers(self, removed: list[int]) -> None:
+        """Keep the per-layer keyword arguments in step after blocks were removed from the model."""
+        keep = [i for i in range(len(self.layer_kwargs[0])) if i not in set(removed)]
+        self.layer_kwargs = [[kw[i] for i in keep] for kw in self.layer_kwargs]
+
+
+@contextmanager
+def forward_hooks(modules: dict[str, nn.Module], fn: Callable[[str, nn.Module, tuple, object], None]) -> Iterator[None]:
+    """Register `fn(name, module, inputs, output)` as a forward hook on each module while the block is active."""
+    handles = [m.register_forward_hook(lambda mod, inp, out, name=name: fn(name, mod, inp, out))
+               for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,126 @@
+"""Running a recipe: validate, load, prune with the method, and describe the result."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .architectures import ArchSpec, spec_for_config
+from .layer_config import layer_shapes
+from .methods import METHODS, PruneContext
+from .model_io import LoadOptions, load_model, resolve_model_name
+from .params import count_parameters
+from .progress import Progress, ProgressCallback
+from .recipe import Recipe
+from .scores import MLP_SCORES
+
+logger = logging.getLogger(__name__)
+
+
+def normalize(recipe: Recipe) -> Recipe:
+    """Resolve shorthands (`method: maw` means MLP width pruning scored by maw) and validate for the method."""
+    if recipe.method not in METHODS and recipe.method in MLP_SCORES:
+        recipe = recipe.replace(method="mlp_width", score=recipe.method)
+    method = METHODS.get(recipe.method)
+    method.validate(recipe)
+    if recipe.score is None and method.default_score:
+        recipe = recipe.replace(score=method.default_score)
+    return recipe
+
+
+@dataclass
+class PruneResult:
+    """A pruned model with everything needed to describe and export it."""
+
+    model: nn.Module
+    tokenizer: Any
+    recipe: Recipe
+    spec: ArchSpec
+    params_before: dict
+    params_after: dict
+    report: dict
+    seconds: float
+    base_model: str
+    base_revision: str | None = None
+    calibration: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def uniform(self) -> bool:
+        return not getattr(self.model.config, "is_heterogeneous", False)
+
+    def layers(self) -> list[dict]:
+        return [{"layer": i, **s.overrides()} for i, s in enumerate(layer_shapes(self.model.config))]
+
+    def summary(self) -> dict:
+        """JSON-able description stored as the `result` section of pruning_recipe.yaml."""
+        from . import __version__
+
+        before, after = self.params_before["total"], self.params_after["total"]
+        return {
+            "tool": "core", "tool_version": __version__,
+            "base_model": self.base_model, "base_revision": self.base_revision,
+            "family": self.spec.family,
+            "calibration": self.calibration,
+            "params_before": before, "params_after": after,
+            "params_removed_fraction": round(1 - after / before, 6),
+            "attention_params": [self.params_before["attention"], self.params_after["attention"]],
+            "mlp_params": [self.params_before["mlp"], self.params_after["mlp"]],
+            "num_layers": [len(self.params_before["layers"]), len(self.params_after["layers"])],
+            "uniform": self.uniform,
+            "prune_seconds": round(self.seconds, 3),
+            "method_report": self.report,
+            "layers": self.layers(),
+        }
+
+
+def _hub_revision(name: str, revision: str | None) -> str | None:
+    """The commit sha a Hub id resolves to (None for local folders or when the Hub is unreachable)."""
+    if Path(name).exists():
+        return revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(name, revision=revision).sha
+    except Exception as err:  # offline or no access: the recipe records the requested revision instead
+        logger.info("could not resolve the revision of %s: %s", name, err)
+        return revision
+
+
+def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallback | None = None,
+          bars: bool = False, base_model: str | None = None) -> PruneResult:
+    """Prune `model` in place according to `recipe`."""
+    recipe = normalize(recipe)
+    spec = spec_for_config(model.config)
+    method = METHODS.get(recipe.method)
+    prog = Progress(progress, bars)
+    ctx = PruneContext(model, tokenizer, spec, recipe, prog)
+    before = count_parameters(model, spec)
+    start = time.perf_counter()
+    try:
+        report = method.run(ctx)
+    finally:
+        prog.close()
+    seconds = time.perf_counter() - start
+    name = base_model or recipe.model or getattr(model.config, "_name_or_path", "") or "unknown"
+    return PruneResult(
+        model=model, tokenizer=tokenizer, recipe=recipe, spec=spec, params_before=before,
+        params_after=count_parameters(model, spec), report=report, seconds=seconds, base_model=name,
+        base_revision=_hub_revision(name, recipe.revision) if name != "unknown" else None,
+        calibration=recipe.calibration.describe() if method.needs_data(recipe) else None,
+    )
+
+
+def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False) -> PruneResult:
+    """Load the recipe's model and prune it."""
+    recipe = normalize(recipe)
+    name = resolve_model_name(recipe.model)
+    load = recipe.load
+    opts = LoadOptions(revision=recipe.revision, dtype=load.dtype, device=load.device, device_map=load.device_map,
+                       allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)
+    model, tokenizer = load_model(name, opts)
+    return prune(model, tokenizer, recipe, progress, bars, base_model=recipe.model or name)

@@ -1,0 +1,140 @@
+"""The typed pruning recipe shared by the CLI, the Space and the bot (YAML in and out)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .allocation import LayerSelection, Target
+from .calibration import CalibrationConfig
+from .errors import PruningError, RecipeError
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a pruning run. `model: null` means the shipped reference model."""
+
+    method: str
+    target: Target
+    model: str | None = None
+    revision: str | None = None
+    score: str | None = None
+    round_to: int = 1
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    options: dict = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    batch_size: int = 8
+    seed: int = 0
+    load: LoadConfig = field(default_factory=LoadConfig)
+
+    def __post_init__(self) -> None:
+        if self.round_to < 1:
+            raise RecipeError(f"round_to must be >= 1 (got {self.round_to}).")
+        if self.batch_size < 1:
+            raise RecipeError(f"batch_size must be >= 1 (got {self.batch_size}).")
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        return _from_plain(cls, data, "recipe")
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"The recipe is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise RecipeError("A recipe must be a YAML mapping (method:, target:, ...).")
+        data.pop("result", None)  # recipes written next to checkpoints carry their results
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        try:
+            return cls.from_yaml(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise RecipeError(f"Cannot read recipe {path}: {err.strerror}.") from None
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    tp = _unwrap_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be a mapping.")
+        return _from_plain(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where} must be a list.")
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(inner, v, where) for v in value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise RecipeError(f"{where} must be of type {tp.__name__} (got {value!r}).")
+    if tp is dict and not isinstance(value, dict):
+        raise RecipeError(f"{where} must be a mapping.")
+    return value
+
+
+def _from_plain(cls: type, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"Unknown field {key!r} in {where}.{hint} Known fields: {', '.join(names)}.")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise RecipeError(f"{where}: {err}") from None
+    except PruningError:
+        raise

@@ -1,0 +1,46 @@
+"""Importance scores: pure tensor functions, higher = keep. Registries are filled on import of the submodules."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class Score:
+    """A registered score: `fn` maps tensors (and optional statistics) to one value per unit."""
+
+    name: str
+    fn: Callable
+    needs_data: bool
+    doc: str
+
+
+MLP_SCORES: Registry[Score] = Registry("MLP score")
+HEAD_SCORES: Registry[Score] = Registry("attention-head score")
+DEPTH_SCORES: Registry[Score] = Registry("depth score")
+
+
+def _register(registry: Registry[Score], name: str, needs_data: bool = False):
+    def deco(fn: Callable) -> Callable:
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        registry.add(name, Score(name, fn, needs_data, doc))
+        return fn
+
+    return deco
+
+
+def mlp_score(name: str, needs_data: bool = False):
+    return _register(MLP_SCORES, name, needs_data)
+
+
+def head_score(name: str, needs_data: bool = False):
+    return _register(HEAD_SCORES, name, needs_data)
+
+
+def depth_score(name: str, needs_data: bool = True):
+    return _register(DEPTH_SCORES, name, needs_data)
+
+
+from . import depth, heads, mlp  # noqa: E402,F401  (fill the registries)

@@ -1,0 +1,70 @@
+"""Scores of gated-MLP neurons. Neuron j is (row j of W_gate, row j of W_up, column j of W_down).
+
+Shapes: gate, up: [m, d]; down: [d, m]; input_norm: [d] (L2 norm over calibration tokens of the MLP input);
+act_norm: [m] (L2 norm of the down_proj input, i.e. act(gate x) * up x). Every function returns a [m] tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import mlp_score
+
+
+@dataclass
+class MlpTensors:
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    input_norm: torch.Tensor | None = None
+    act_norm: torch.Tensor | None = None
+    seed: int = 0
+
+
+@mlp_score("maw")
+def maw(t: MlpTensors) -> torch.Tensor:
+    """Maximum absolute weight: max_i |W_g[j,i]| + max_i |W_u[j,i]|."""
+    return t.gate.abs().amax(dim=1) + t.up.abs().amax(dim=1)
+
+
+@mlp_score("maw_range")
+def maw_range(t: MlpTensors) -> torch.Tensor:
+    """Max plus |min| of each row: (max W_g[j] + |min W_g[j]|) + (same for W_u)."""
+    def spread(w: torch.Tensor) -> torch.Tensor:
+        return w.amax(dim=1) + w.amin(dim=1).abs()
+
+    return spread(t.gate) + spread(t.up)
+
+
+@mlp_score("vow")
+def vow(t: MlpTensors) -> torch.Tensor:
+    """Variance of weights: var(W_g[j,:]) + var(W_u[j,:])."""
+    return t.gate.var(dim=1, unbiased=False) + t.up.var(dim=1, unbiased=False)
+
+
+@mlp_score("pon")
+def pon(t: MlpTensors) -> torch.Tensor:
+    """Product of norms: ||W_g[j,:]||_1 * ||W_u[j,:]||_1."""
+    return t.gate.abs().sum(dim=1) * t.up.abs().sum(dim=1)
+
+
+@mlp_score("l2")
+def l2(t: MlpTensors) -> torch.Tensor:
+    """L2 norms of the neuron's three weight vectors: ||W_g[j]|| + ||W_u[j]|| + ||W_d[:,j]||."""
+    return t.gate.norm(dim=1) + t.up.norm(dim=1) + t.down.norm(dim=0)
+
+
+@mlp_score("random")
+def random(t: MlpTensors) -> torch.Tensor:
+    """Uniform random scores (seeded): the baseline every score should beat."""
+    gen = torch.Generator().manual_seed(t.seed)
+    return torch.rand(t.gate.shape[0], generator=gen).to(t.gate.device)
+
+
+@mlp_score("activation", needs_data=True)
+def activation(t: MlpTensors) -> torch.Tensor:
+    """Wanda-style: sum over the three matrices of |W| weighted by the L2 norm of that matrix's input."""
+    assert t.input_norm is not None and t.act_norm is not None, "activation score needs calibration statistics"
+    inputs = (t.gate.abs() + t.up.abs()) @ t.input_norm
+    return inputs + t.down.abs().sum(dim=0) * t.act_norm
