@@ -28,8 +28,10 @@ def model_card(summary: dict, recipe_yaml: str, repo_name: str, load_snippet: st
     """Build the card from the result summary (see PruneResult.summary) and the recipe text."""
     method = summary["method"]
     base = summary["base_model"]
+    # a local folder is not a valid Hub reference: the card names it in the text only
+    hub_base = None if Path(base).exists() else base
     data = ModelCardData(
-        base_model=base, base_model_relation="finetune", library_name="transformers",
+        base_model=hub_base, base_model_relation="finetune" if hub_base else None, library_name="transformers",
         license=summary.get("license") or "other", tags=["pruned", method, "structured-pruning"],
         pipeline_tag="text-generation",
     )

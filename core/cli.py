@@ -6,10 +6,13 @@ import json
 import logging
 import re
 import sys
+from pathlib import Path
 
 from .errors import PruningError, RecipeError
 
 logger = logging.getLogger("core")
+
+EVAL_TEXT = Path(__file__).resolve().parent.parent / "reference" / "corpus" / "eval.txt"
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 
@@ -79,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="architecture and parameter counts (no weights are loaded)")
     _add_load_args(i)
+    e = sub.add_parser("eval", help="perplexity and parameter counts of a model (or two, side by side)")
+    _add_load_args(e)
+    e.add_argument("--compare", help="a second model evaluated the same way, shown side by side")
+    e.add_argument("--ppl", default=str(EVAL_TEXT), help="text file for perplexity (default: the held-out "
+                                                         "reference text)")
+    e.add_argument("--max-length", type=int, default=256, help="window length in tokens (default 256)")
+    e.add_argument("--stride", type=int, help="window stride (default: max-length, i.e. no overlap)")
+    e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
+    e.add_argument("--batch-size", type=int, default=8)
     m = sub.add_parser("methods", help="list methods, scores and options")
     m.add_argument("--json", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true")
@@ -194,6 +206,38 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     _emit(args, info, lines)
 
 
+def _evaluate(name: str | None, args: argparse.Namespace) -> dict:
+    from .architectures import spec_for_config
+    from .evaluate import perplexity_of_file
+    from .model_io import LoadOptions, load_model, resolve_model_name
+    from .params import count_parameters
+
+    name = resolve_model_name(name)
+    opts = LoadOptions(revision=args.revision, dtype=args.dtype or "auto", device=args.device,
+                       device_map=args.device_map, allow_pickle=bool(args.allow_pickle),
+                       trust_remote_code=bool(args.trust_remote_code))
+    model, tokenizer = load_model(name, opts)
+    ppl = perplexity_of_file(model, tokenizer, args.ppl, max_length=args.max_length, stride=args.stride,
+                             batch_size=args.batch_size, max_tokens=args.max_tokens)
+    return {"model": name, "parameters": count_parameters(model, spec_for_config(model.config))["total"],
+            "perplexity": ppl.to_dict(), "text": args.ppl}
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    results = [_evaluate(args.model, args)]
+    if args.compare:
+        results.append(_evaluate(args.compare, args))
+    lines = [f"{'':<12}" + "".join(f"{r['model'][-40:]:>42}" for r in results),
+             f"{'parameters':<12}" + "".join(f"{r['parameters']:>42,}" for r in results),
+             f"{'perplexity':<12}" + "".join(f"{r['perplexity']['perplexity']:>42.3f}" for r in results),
+             f"{'tokens':<12}" + "".join(f"{r['perplexity']['tokens']:>42,}" for r in results)]
+    if len(results) == 2:
+        a, b = results
+        lines.append(f"ratio (2nd/1st): parameters {b['parameters'] / a['parameters']:.3f}, perplexity "
+                     f"{b['perplexity']['perplexity'] / a['perplexity']['perplexity']:.3f}")
+    _emit(args, {"results": results}, lines)
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -211,7 +255,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
     _emit(args, payload, lines)
 
 
-COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "methods": cmd_methods}
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "eval": cmd_eval, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

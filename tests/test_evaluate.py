@@ -1,0 +1,59 @@
+"""Perplexity: one window equals transformers' own loss; strided windows score every token exactly once."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_model
+from core.evaluate import perplexity_of_ids, windows
+
+
+def test_single_window_matches_transformers_loss():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 4096, (120,), generator=torch.Generator().manual_seed(3))
+    ppl = perplexity_of_ids(model, ids, max_length=120)
+    with torch.no_grad():
+        loss = model(ids[None], labels=ids[None]).loss.item()
+    assert ppl.tokens == 119 and ppl.windows == 1
+    assert ppl.nll == pytest.approx(loss, abs=1e-5)
+    assert ppl.perplexity == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("n,length,stride", [(100, 16, 16), (100, 16, 8), (17, 16, 5), (16, 16, 16)])
+def test_windows_score_each_token_once(n, length, stride):
+    scored = []
+    for begin, end, first in windows(n, length, stride):
+        assert end - begin <= length and first >= 1
+        scored += list(range(begin + first, end))
+    overlapping = stride < length
+    assert scored == sorted(set(scored))
+    assert scored[-1] == n - 1
+    if overlapping:
+        assert scored == list(range(1, n))
+
+
+def test_overlapping_windows_batching_does_not_change_the_result():
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 4096, (150,), generator=torch.Generator().manual_seed(4))
+    a = perplexity_of_ids(model, ids, max_length=40, stride=20, batch_size=1)
+    b = perplexity_of_ids(model, ids, max_length=40, stride=20, batch_size=16)
+    assert a.tokens == b.tokens == 149
+    assert a.nll == pytest.approx(b.nll, abs=1e-5)
+
+
+def test_eval_cli_compares_two_models(tiny_dir, tmp_path):
+    src = tiny_dir("llama")
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = subprocess.run([sys.executable, "-m", "core", "eval", str(src), "--compare", str(src), "--ppl", str(text),
+                          "--max-length", "64", "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
+    import json
+
+    results = json.loads(out.stdout)["results"]
+    assert len(results) == 2
+    assert results[0]["perplexity"] == results[1]["perplexity"]
+    assert results[0]["parameters"] == sum(p.numel() for p in tiny_model("llama").parameters())
