@@ -122,11 +122,20 @@ def per_layer_construction(layer_class: type, spec: ArchSpec) -> Iterator[None]:
 
 
 def build_layer(layer_class: type, spec: ArchSpec, layer_config, layer_idx: int,
-                state: dict[str, torch.Tensor]) -> nn.Module:
-    """Build one decoder layer from its own config and fill it with `state` (tensors are used, not copied)."""
+                state: dict[str, torch.Tensor], zero_missing_biases: bool = False) -> nn.Module:
+    """Build one decoder layer from its own config and fill it with `state` (tensors are used, not copied).
+
+    With `zero_missing_biases`, biases the config asks for but `state` lacks start at zero (a bias flag was
+    switched on)."""
     with torch.device("meta"):
         layer = layer_class(layer_config, layer_idx)
     apply_skips(layer, spec, layer_config, layer_idx)
+    if zero_missing_biases:
+        state = dict(state)
+        for key, tensor in layer.state_dict().items():
+            weight = state.get(key[: -len("bias")] + "weight") if key.endswith(".bias") else None
+            if key not in state and weight is not None:
+                state[key] = torch.zeros(tensor.shape, dtype=weight.dtype, device=weight.device)
     layer.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
     assert not leftover, f"tensors left uninitialised after rebuilding layer {layer_idx}: {leftover}"

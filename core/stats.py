@@ -64,3 +64,83 @@ def linear(layer: nn.Module, spec: ArchSpec, branch: str, role: str) -> nn.Modul
     """The Linear module of `role` ('q', 'o', 'gate', 'gate_up', 'down', ...) in a decoder layer."""
     part = spec.attention if branch == "attention" else spec.mlp
     return layer.get_submodule(f"{part.module}.{getattr(part, role)}")
+
+
+class ContributionStats:
+    """Streams the moments of unit contributions C_u = Z_u W_O^u^T from the input Z of o_proj.
+
+    units: the query heads of each unit (one head, or the query heads of a KV group).
+    """
+
+    def __init__(self, units: list[list[int]], head_dim: int) -> None:
+        self.units, self.head_dim = units, head_dim
+        self.moments = None
+
+    def __call__(self, name: str, module: nn.Module, inputs: tuple, output) -> None:
+        from .scores.slimllm import contribution_moments
+
+        z = inputs[0].detach().flatten(0, -2).float()
+        w = module.weight.detach().float()
+        dh = self.head_dim
+        contribs = []
+        for heads in self.units:
+            cols = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(z.device)
+            contribs.append(z[:, cols] @ w[:, cols].T)
+        batch = contribution_moments(torch.stack(contribs))
+        if self.moments is None:
+            self.moments = batch
+        else:
+            self.moments.m1 += batch.m1
+            self.moments.m2 += batch.m2
+            self.moments.n += batch.n
+
+
+class OutputCovariance:
+    """Streams sum F and F^T F of a module's output (float64) to form the centred covariance F~^T F~."""
+
+    def __init__(self) -> None:
+        self.s1 = self.s2 = None
+        self.n = 0
+
+    def __call__(self, name: str, module: nn.Module, inputs: tuple, output) -> None:
+        f = _first(output).detach().flatten(0, -2).double()
+        if module.bias is not None:
+            f = f - module.bias.detach().double()
+        s1, s2 = f.sum(0), f.T @ f
+        self.s1 = s1 if self.s1 is None else self.s1 + s1
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += f.shape[0]
+
+    def centred(self) -> torch.Tensor:
+        return self.s2 - torch.outer(self.s1, self.s1) / self.n
+
+
+class PairSums:
+    """Per-column sums of x, y, x^2, x*y over tokens, for a least-squares fit y ~ a x + b."""
+
+    def __init__(self) -> None:
+        self.sx = self.sy = self.sxx = self.sxy = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        parts = (x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0))
+        if self.sx is None:
+            self.sx, self.sy, self.sxx, self.sxy = parts
+        else:
+            self.sx, self.sy, self.sxx, self.sxy = (a + b for a, b in zip((self.sx, self.sy, self.sxx, self.sxy), parts))
+        self.n += x.shape[0]
+
+
+class KeptOutputSums(PairSums):
+    """On a down projection: x = output of the kept input channels only, y = full output (bias excluded)."""
+
+    def __init__(self, kept: list[int]) -> None:
+        super().__init__()
+        self.kept = torch.as_tensor(kept)
+
+    def __call__(self, name: str, module: nn.Module, inputs: tuple, output) -> None:
+        a = inputs[0].detach().flatten(0, -2).float()
+        w = module.weight.detach().float()
+        kept = self.kept.to(a.device)
+        self.add(a[:, kept] @ w[:, kept].T, a @ w.T)

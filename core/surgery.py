@@ -188,3 +188,22 @@ def remove_layers(model: nn.Module, spec: ArchSpec, remove: list[int]) -> None:
             setattr(config, list_name, [values[i] for i in keep])
     config.num_hidden_layers = len(keep)
     write_layer_shapes(config, [shapes[i] for i in keep])
+
+
+def enable_bias(model: nn.Module, spec: ArchSpec, branch: str) -> bool:
+    """Give the projections of `branch` ('attention' or 'mlp') biases by switching the family's config flag
+    (zeros for every new bias). Returns False when the family has no such flag (it cannot hold a bias)."""
+    flag = spec.bias_flags.get(branch)
+    config = model.config
+    if flag is None:
+        return False
+    if getattr(config, flag, False):
+        return True
+    setattr(config, flag, True)
+    layers = decoder_layers(model, spec)
+    layer_class = decoder_layer_class(type(model))
+    for i, shape in enumerate(layer_shapes(config)):
+        new = build_layer(layer_class, spec, layer_config(config, shape), i, dict(layers[i].state_dict()),
+                          zero_missing_biases=True)
+        _replace_layer(layers, i, new)
+    return True

@@ -30,7 +30,7 @@ def _configs():
         "mistral": lambda: MistralConfig(**COMMON, head_dim=16, sliding_window=8),
         "qwen2": lambda: Qwen2Config(**COMMON),
         "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
-        "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
+        "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
         "gemma2": lambda: Gemma2Config(**COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
         "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                            layer_types=["sliding_attention", "full_attention"] * 2),

@@ -1,0 +1,208 @@
+"""SlimLLM: the maths against explicit definitions, the search and regression guarantees, targets, round trips."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import core
+from conftest import logits, tiny_model
+from core.architectures import spec_for_config
+from core.layers import decoder_layers
+from core.methods import METHODS, PruneContext
+from core.pipeline import LayerwiseRunner
+from core.progress import Progress
+from core.scores.slimllm import (contribution_moments, eq11_ratios, feature_space_importance, greedy_search,
+                                 leave_one_out, pearson_similarity, regression_fit, subset_similarity)
+from core.stats import forward_hooks
+
+
+def _contributions(seed: int, units: int = 8, n: int = 300, d: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(n, d, generator=g)
+    scale = torch.rand(units, 1, 1, generator=g) * 2
+    return scale * (0.5 * shared + torch.randn(units, n, d, generator=g)) + torch.randn(units, 1, d, generator=g)
+
+
+def test_moment_similarity_equals_explicit_pearson():
+    c = _contributions(0)
+    cov = contribution_moments(c).covariance()
+    y = c.sum(0)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0], dtype=torch.float64)
+    explicit = pearson_similarity((c * keep[:, None, None]).sum(0), y)
+    assert subset_similarity(cov, keep).item() == pytest.approx(explicit.item(), rel=1e-9)
+    loo = leave_one_out(cov)
+    for u in range(c.shape[0]):
+        assert loo[u].item() == pytest.approx(pearson_similarity(y - c[u], y).item(), rel=1e-9)
+
+
+def test_moments_of_batches_add_up():
+    c = _contributions(1)
+    whole = contribution_moments(c)
+    a, b = contribution_moments(c[:, :100]), contribution_moments(c[:, 100:])
+    torch.testing.assert_close(whole.covariance(), type(whole)(a.m1 + b.m1, a.m2 + b.m2, a.n + b.n).covariance())
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_greedy_never_ends_below_the_plain_ranking(seed, grouped):
+    c = _contributions(seed)
+    cov = contribution_moments(c).covariance()
+    scores = leave_one_out(cov)
+    groups = torch.arange(8) // 4 if grouped else None
+    kept, start, best = greedy_search(cov, scores, 4 if grouped else 3, groups)
+    plain, plain_start, _ = greedy_search(cov, scores, 4 if grouped else 3, groups, greedy=False)
+    assert start == pytest.approx(plain_start)
+    assert best >= start - 1e-12
+    # the incrementally updated objective is the true similarity of the final set
+    assert best == pytest.approx(pearson_similarity(c[kept].sum(0), c.sum(0)).item(), rel=1e-9)
+    if grouped:
+        assert sorted(int(groups[u]) for u in kept) == [0, 0, 1, 1]
+
+
+def test_greedy_improves_on_a_case_built_for_it():
+    # units 0 and 1 cancel each other: removing either alone looks harmless, removing both is best
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 400, 6, generator=g)
+    twin = torch.randn(400, 6, generator=g) * 3
+    c = torch.cat([torch.stack([twin, -twin + 0.01 * torch.randn(400, 6, generator=g)]), base])
+    cov = contribution_moments(c).covariance()
+    kept, start, best = greedy_search(cov, leave_one_out(cov), 2)
+    assert best >= start
+
+
+def test_feature_space_importance_closed_form():
+    g = torch.Generator().manual_seed(2)
+    d, m, n = 10, 7, 200
+    w = torch.randn(d, m, generator=g)
+    act = torch.randn(n, m, generator=g)
+    f = act @ w.T
+    fc = f - f.mean(0)
+    cov = (fc.T @ fc).double()
+    lam, vecs = torch.linalg.eigh(cov)
+    s = torch.sigmoid(lam / lam.mean())
+    proj = (w.double().T @ vecs).abs() * s  # D_jk
+    explicit = act.double().norm(dim=0) * proj.norm(dim=1)
+    got = feature_space_importance(w, act.norm(dim=0), cov)
+    torch.testing.assert_close(got.double(), explicit, rtol=1e-5, atol=1e-6)
+    plain = feature_space_importance(w, act.norm(dim=0), cov, smooth=False)
+    torch.testing.assert_close(plain.double(), act.double().norm(dim=0) * w.double().norm(dim=0), rtol=1e-5, atol=0)
+
+
+def test_regression_is_exact_on_a_linear_relation():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 5, generator=g, dtype=torch.float64)
+    a_true, b_true = torch.tensor([2.5, -1.0, 0.3, 1.0, 4.0]), torch.tensor([0.7, 0.0, -2.0, 1.0, 0.1])
+    y = a_true * x + b_true
+    x[:, 3] = 1.0  # a constant column: Var = 0 -> a = 1, b = 0
+    a, b = regression_fit(x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0), 500)
+    for k in (0, 1, 2, 4):
+        assert a[k].item() == pytest.approx(a_true[k].item(), abs=1e-9)
+        assert b[k].item() == pytest.approx(b_true[k].item(), abs=1e-9)
+    assert (a[3].item(), b[3].item()) == (1.0, 0.0)
+
+
+def test_eq11_ratios_average_to_r0_and_respect_the_clip():
+    sims = torch.tensor([0.5, 0.9, 0.95, 0.97, 0.99, 0.96, 0.8, 0.6])
+    r = eq11_ratios(sims, 0.4, 6, 10.0)
+    chosen = r > 0
+    assert int(chosen.sum()) == 6 and r[0] == 0 and r[7] == 0  # least similar layers are not pruned
+    assert r[chosen].mean().item() == pytest.approx(0.4)
+    assert r[4] > r[3] > r[2] > r[1]  # more similar -> pruned harder
+    clipped = eq11_ratios(sims, 0.8, 6, 40.0, clip=0.9)
+    assert clipped.max().item() <= 0.9 + 1e-12
+    assert clipped[clipped > 0].mean().item() == pytest.approx(0.8)
+
+
+def _attention_outputs(model, spec, runner, layer_idx):
+    outs = []
+    o = decoder_layers(model, spec)[layer_idx].get_submodule(f"{spec.attention.module}.{spec.attention.o}")
+    with forward_hooks({"o": o}, lambda name, mod, inp, out: outs.append(out.detach())):
+        runner.run_layer(layer_idx)
+    return torch.cat([x.flatten(0, -2) for x in outs])
+
+
+@pytest.mark.parametrize("branch", ["attention", "mlp"])
+def test_regression_lowers_the_pruned_sublayer_error(branch, tiny_dir):
+    src = tiny_dir("llama")
+    model, tokenizer = core.load_model(str(src), core.LoadOptions(device="cpu"))
+    spec = spec_for_config(model.config)
+    method = METHODS.get("slimllm")
+    errors = {}
+    for regression in (False, True):
+        m = copy.deepcopy(model)
+        recipe = core.Recipe(method="slimllm", target=core.Target(ratio=0.3), options={"regression": regression},
+                             calibration=core.CalibrationConfig(n_samples=8, seq_len=64))
+        ctx = PruneContext(m, tokenizer, spec, recipe, Progress())
+        opts = method.options(recipe)
+        if regression:
+            from core.surgery import enable_bias
+            enable_bias(m, spec, branch)
+        runner = LayerwiseRunner(m, spec, ctx.calibration_ids(), 4)
+        target = decoder_layers(m, spec)[0].get_submodule(
+            f"{spec.attention.module}.{spec.attention.o}" if branch == "attention" else f"{spec.mlp.module}.{spec.mlp.down}")
+        captured = []
+        with forward_hooks({"t": target}, lambda name, mod, inp, out: captured.append(out.detach())):
+            runner.run_layer(0)
+        reference = torch.cat([x.flatten(0, -2) for x in captured])
+        if branch == "attention":
+            method.prune_heads(ctx, opts, runner, 0, 1, fold_bias=regression)
+        else:
+            method.prune_mlp(ctx, opts, runner, 0, 48, fold_bias=regression)
+        target = decoder_layers(m, spec)[0].get_submodule(
+            f"{spec.attention.module}.{spec.attention.o}" if branch == "attention" else f"{spec.mlp.module}.{spec.mlp.down}")
+        captured = []
+        with forward_hooks({"t": target}, lambda name, mod, inp, out: captured.append(out.detach())):
+            runner.run_layer(0)
+        pruned = torch.cat([x.flatten(0, -2) for x in captured])
+        errors[regression] = (pruned - reference).pow(2).mean().item()
+    assert errors[True] < errors[False]
+
+
+def test_global_parameter_target_is_met_within_one_rounding_unit(tiny_dir):
+    src = tiny_dir("llama")
+    base = core.load_model(str(src), core.LoadOptions(device="cpu"))[0]
+    total = sum(p.numel() for p in base.parameters())
+    target = int(total * 0.85)
+    recipe = core.Recipe(model=str(src), method="slimllm", target=core.Target(target_params=target), round_to=4,
+                         calibration=core.CalibrationConfig(n_samples=8, seq_len=64))
+    result = core.run_recipe(recipe)
+    d = base.config.hidden_size
+    one_unit = 3 * d * 4 + 2 * 4  # four MLP channels (gate/up rows + down column, with biases)
+    assert abs(result.params_after["total"] - target) <= one_unit
+    ratios = [l["ratio"] for l in result.report["layers"] if l["ratio"] > 0]
+    assert sum(ratios) / len(ratios) == pytest.approx(result.report["r0"])
+
+
+SWITCHES = [{}, {"greedy": False}, {"feature_space": False}, {"nonuniform": False}, {"regression": False},
+            {"keep_lowest": False}, {"head_mode": "query"}, {"nonuniform": False, "regression": False}]
+
+
+@pytest.mark.parametrize("options", SWITCHES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "all")
+def test_every_option_round_trips(tiny_dir, tmp_path, options, tokens):
+    src = tiny_dir("llama")
+    recipe = core.Recipe(model=str(src), method="slimllm", target=core.Target(ratio=0.3), options=options,
+                         calibration=core.CalibrationConfig(n_samples=8, seq_len=64))
+    result = core.run_recipe(recipe)
+    out = core.save_pruned(result, tmp_path / "out")
+    if result.uniform:
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    else:
+        reloaded = core.load_pruned(str(out), device="cpu")
+    torch.testing.assert_close(logits(reloaded, tokens), logits(result.model, tokens), atol=1e-5, rtol=0)
+    recorded = core.Recipe.from_file(out / "pruning_recipe.yaml")
+    assert recorded.options == options
+    if options.get("nonuniform") is False:
+        assert result.uniform, "uniform ratios on every layer give a plain-transformers checkpoint"
+
+
+def test_slimllm_handles_families_without_bias_support(tiny_dir, tmp_path, tokens):
+    src = tiny_dir("qwen2")
+    result = core.run_recipe(core.Recipe(model=str(src), method="slimllm", target=core.Target(ratio=0.3),
+                                         calibration=core.CalibrationConfig(n_samples=8, seq_len=64)))
+    assert result.report["regression_fold"] == {"attention": "scale", "mlp": "scale"}
+    out = core.save_pruned(result, tmp_path / "out")
+    reloaded = core.load_pruned(str(out), device="cpu")
+    torch.testing.assert_close(logits(reloaded, tokens), logits(result.model, tokens), atol=1e-5, rtol=0)
