@@ -111,7 +111,7 @@ def load_calibration(tokenizer, cfg: CalibrationConfig) -> torch.Tensor:
             break
     if len(ids) < cfg.seq_len:
         raise CalibrationError(f"Calibration text has {len(ids)} tokens, fewer than one window of {cfg.seq_len}. "
-                               "Give more text or a shorter --seq-len.")
+                               "Give more text or a shorter --calib-seq-len (recipe: calibration.seq_len).")
     if len(ids) < cfg.n_samples * cfg.seq_len:
         logger.warning("calibration text has %d tokens < %d x %d: windows will overlap", len(ids), cfg.n_samples,
                        cfg.seq_len)

@@ -151,10 +151,11 @@ def _emit(args, payload: dict, lines: list[str]) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from .export import save_pruned
+    from .export import check_output, save_pruned
     from .prune import run_recipe
 
     recipe = _recipe_from_args(args)
+    check_output(args.out, args.overwrite)  # fail before a long pruning run, not after it
     result = run_recipe(recipe, bars=not args.quiet and not args.json)
     out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     summary = result.summary()

@@ -36,12 +36,18 @@ def recipe_document(result: PruneResult) -> dict:
     return doc
 
 
-def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool = False,
-                max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None) -> Path:
-    """Write the pruned model to `out_dir` atomically. Returns the final path."""
+def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The resolved output folder; raises when it exists and overwriting was not asked for (check before pruning)."""
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists. Choose another --out folder or pass --overwrite.")
+    return out
+
+
+def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool = False,
+                max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None) -> Path:
+    """Write the pruned model to `out_dir` atomically. Returns the final path."""
+    out = check_output(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -62,7 +68,7 @@ def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool
 
 def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict) -> None:
     model = result.model
-    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)  # always safetensors in transformers 5
     if result.tokenizer is not None:
         result.tokenizer.save_pretrained(folder)
     doc = recipe_document(result)

@@ -109,6 +109,8 @@ def write_layer_shapes(config, shapes: list[LayerShape]) -> bool:
                           or getattr(shapes[0], k) != originals[k]}
 
     has_skips = any(s.skip for s in shapes)
+    if any(s.skip_bias for s in shapes):
+        config.skip_bias = []  # transformers wants a global default for every per-layer attribute
     if not per_layer_keys and not has_skips:
         return True
     overrides = {}

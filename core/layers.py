@@ -147,3 +147,40 @@ def set_layer_index(layer: nn.Module, layer_idx: int) -> None:
     for module in layer.modules():
         if hasattr(module, "layer_idx"):
             module.layer_idx = layer_idx
+
+
+class PassThrough(nn.Module):
+    """A decoder block that does nothing (for evaluating a network with the block temporarily removed)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def units_disabled(model: nn.Module, spec: ArchSpec, unit: str, indices) -> Iterator[None]:
+    """Temporarily remove blocks ('block') or sub-layers ('attention' / 'mlp') without touching their weights."""
+    layers = decoder_layers(model, spec)
+    hidden = model.config.hidden_size
+    restore: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for i in sorted(set(indices)):
+            if unit == "block":
+                restore.append((layers, str(i), layers[i]))
+                layers[i] = PassThrough()
+                continue
+            layer = layers[i]
+            module = spec.attention.module if unit == SKIP_ATTENTION else spec.mlp.module
+            stub = SkippedAttention(hidden, i) if unit == SKIP_ATTENTION else SkippedMlp(hidden)
+            swaps = [(module, stub)]
+            if f"{unit}_out" in spec.norms:
+                swaps.append((spec.norms[f"{unit}_out"], nn.Identity()))
+            for path, new in swaps:
+                restore.append((layer, path, get_submodule(layer, path)))
+                set_submodule(layer, path, new)
+        yield
+    finally:
+        for parent, path, old in reversed(restore):
+            if isinstance(parent, nn.ModuleList):
+                parent[int(path)] = old
+            else:
+                set_submodule(parent, path, old)

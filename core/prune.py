@@ -1,6 +1,7 @@
 """Running a recipe: validate, load, prune with the method, and describe the result."""
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from .architectures import ArchSpec, spec_for_config
+from .errors import UnknownNameError
 from .layer_config import layer_shapes
 from .methods import METHODS, PruneContext
 from .model_io import LoadOptions, load_model, resolve_model_name
@@ -25,6 +27,11 @@ def normalize(recipe: Recipe) -> Recipe:
     """Resolve shorthands (`method: maw` means MLP width pruning scored by maw) and validate for the method."""
     if recipe.method not in METHODS and recipe.method in MLP_SCORES:
         recipe = recipe.replace(method="mlp_width", score=recipe.method)
+    elif recipe.method not in METHODS:  # the registry's did-you-mean would not know the score shorthands
+        close = difflib.get_close_matches(recipe.method, list(METHODS) + list(MLP_SCORES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(f"Unknown pruning method {recipe.method!r}.{hint} Available: {', '.join(METHODS)}, "
+                               f"or an MLP score as shorthand for mlp_width: {', '.join(MLP_SCORES)}.")
     method = METHODS.get(recipe.method)
     method.validate(recipe)
     if recipe.score is None and method.default_score:

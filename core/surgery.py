@@ -32,6 +32,7 @@ class LayerPlan:
     kv_heads: list[int] | None = None
     mlp: list[int] | None = None
     skip: set[str] = field(default_factory=set)
+    skip_bias: dict[str, torch.Tensor] = field(default_factory=dict)  # constant output of a removed branch
 
 
 def _rows(units: list[int], size: int) -> torch.Tensor:
@@ -149,6 +150,10 @@ def prune_layer(model: nn.Module, spec: ArchSpec, layer_idx: int, plan: LayerPla
     for branch in sorted(new_skip):
         _drop_branch(state, spec, branch)
         shape.skip = sorted(set(shape.skip) | {branch})
+        if branch in plan.skip_bias:
+            module = spec.attention.module if branch == SKIP_ATTENTION else spec.mlp.module
+            state[f"{module}.bias"] = plan.skip_bias[branch].detach().clone()
+            shape.skip_bias = sorted(set(shape.skip_bias) | {branch})
     if skipped >= {SKIP_ATTENTION, SKIP_MLP}:
         logger.info("layer %d has both sub-layers removed; consider removing the whole block", layer_idx)
 

@@ -60,7 +60,7 @@ def tiny_model(family: str, seed: int = 0):
 def save_tiny(model, folder: Path) -> Path:
     from transformers import AutoTokenizer
 
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(folder)
     return folder
 

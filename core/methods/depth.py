@@ -1,32 +1,50 @@
-"""Depth pruning: remove whole blocks, or attention-only / MLP-only sub-layers, ranked by a depth score on
-calibration data (one-shot) or given explicitly."""
+"""Depth pruning (Siddiqui et al. 2024): remove whole blocks, or attention-only / MLP-only sub-layers.
+
+Units are ranked by a per-token score on the residual stream (cosine, angular, update norms) or by a sub-network
+score (perplexity drop, Shapley estimates with loss or logit-distance utility), once or iteratively (re-scoring
+after each removal), or given explicitly. Optional recovery replaces each removed unit by the constant mean of its
+update on the calibration tokens (computed on the unpruned or on the progressively pruned model), stored in the
+checkpoint: in the bias of the preceding MLP output projection for blocks where the family allows it, otherwise
+as a removed sub-layer that keeps a constant output.
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InvalidTargetError, RecipeError
 from ..layer_config import layer_shapes
-from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers
+from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers, units_disabled
 from ..params import count_parameters
+from ..pipeline import _first
 from ..scores import DEPTH_SCORES
-from ..stats import BranchOutputs, collect
-from ..surgery import LayerPlan, prune_layer, remove_layers
+from ..stats import BranchOutputs, collect, linear
+from ..surgery import LayerPlan, enable_bias, prune_layer, remove_layers
 from . import Method, PruneContext, register_method
 
+logger = logging.getLogger(__name__)
+
 UNITS = ("block", "attention", "mlp")
+UTILITIES = ("loss", "logit_distance")
+RECOVERY = ("none", "mean_update")
+SOURCES = ("unpruned", "pruned")
 
 
-def _branch_params(model, spec, layer_idx: int, unit: str) -> int:
+def _unit_params(model, spec, layer_idx: int, unit: str) -> int:
     layer = decoder_layers(model, spec)[layer_idx]
     if unit == "block":
         return sum(p.numel() for p in layer.parameters())
     names = [spec.attention.module if unit == "attention" else spec.mlp.module]
-    out_norm = spec.norms.get(f"{unit}_out")
-    if out_norm:
-        names.append(out_norm)
+    if f"{unit}_out" in spec.norms:
+        names.append(spec.norms[f"{unit}_out"])
     return sum(p.numel() for name in names for p in layer.get_submodule(name).parameters())
+
+
+def _tokens(t: torch.Tensor, skip_first: bool) -> torch.Tensor:
+    """[b, T, d] -> [N, d], optionally without position 0 (the attention sink)."""
+    return (t[:, 1:] if skip_first else t).flatten(0, -2)
 
 
 @register_method
@@ -39,86 +57,241 @@ class Depth(Method):
     class Options:
         unit: str = "block"  # 'block', 'attention' or 'mlp'
         layers: tuple[int, ...] | None = None  # explicit units to remove (no scoring)
+        iterative: bool = False  # re-score the remaining units after each removal
+        utility: str = "loss"  # sub-network scores: 'loss' or 'logit_distance' (to the full model)
+        samples: int = 64  # shapley_mc: number of random sub-networks
+        keep: float = 0.9  # shapley_mc: fraction of units present in each sub-network
+        recovery: str = "none"  # 'none' or 'mean_update' (replace a removed unit by its mean update)
+        recovery_source: str = "unpruned"  # mean update measured on the 'unpruned' or the 'pruned' model
+        recovery_skip_first: bool = False  # leave position 0 (attention sink) out of the mean
 
         def __post_init__(self) -> None:
-            if self.unit not in UNITS:
-                raise RecipeError(f"Depth unit must be one of {UNITS} (got {self.unit!r}).")
+            for value, allowed, what in ((self.unit, UNITS, "unit"), (self.utility, UTILITIES, "utility"),
+                                         (self.recovery, RECOVERY, "recovery"),
+                                         (self.recovery_source, SOURCES, "recovery_source")):
+                if value not in allowed:
+                    raise RecipeError(f"Depth option {what} must be one of {allowed} (got {value!r}).")
             if self.layers is not None:
                 object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            if self.samples < 2 or not 0 < self.keep < 1:
+                raise RecipeError("shapley_mc needs samples >= 2 and 0 < keep < 1.")
 
     def needs_data(self, recipe) -> bool:
-        return self.options(recipe).layers is None
+        opts = self.options(recipe)
+        return opts.layers is None or opts.recovery != "none"
 
     def candidates(self, ctx: PruneContext, unit: str) -> list[int]:
         shapes = layer_shapes(ctx.model.config)
         prunable = ctx.recipe.layers.prunable(len(shapes))
         if unit == "block":
-            return prunable
+            return [i for i in prunable if not shapes[i].skip]
         return [i for i in prunable if unit not in shapes[i].skip]
 
+    # -- scoring ----------------------------------------------------------------------------------------------
+
     @torch.no_grad()
-    def unit_scores(self, ctx: PruneContext, unit: str, candidates: list[int]) -> dict[int, float]:
-        """Mean per-token score of each candidate unit on the calibration data (unpruned model, one pass)."""
+    def per_token_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int]) -> dict[int, float]:
+        """Mean per-token score of each candidate on the calibration data, with `disabled` units removed."""
         score = self.score(ctx.recipe)
+        model, spec = ctx.model, ctx.spec
+        n = model.config.num_hidden_layers
+        result = {}
+        with units_disabled(model, spec, opts.unit, disabled):
+            runner = ctx.runner()
+            for i in range(n):
+                inputs = runner.hidden
+                if i in candidates and opts.unit != "block":
+                    layer = decoder_layers(model, spec)[i]
+                    attn = BranchOutputs()
+                    outputs = collect(runner, i, {"attn": (layer.get_submodule(spec.branch_module("attention")), attn)})
+                    mids = [x + a.to(x.device) for x, a in zip(inputs, attn.outputs)]
+                    pairs = zip(inputs, mids) if opts.unit == "attention" else zip(mids, outputs)
+                else:
+                    outputs = runner.run_layer(i)
+                    pairs = zip(inputs, outputs)
+                if i in candidates:
+                    total = count = 0.0
+                    for x, y in pairs:
+                        values = score.fn(x.flatten(0, -2), y.flatten(0, -2))
+                        total += values.sum().item()
+                        count += values.numel()
+                    result[i] = total / count
+                runner.advance(i, outputs)
+                ctx.progress.update(f"depth: {score.name} ({opts.unit})", i + 1, n)
+        return result
+
+    @torch.no_grad()
+    def utility(self, ctx: PruneContext, opts, reference: list[torch.Tensor] | None) -> float:
+        """Utility of the model as it is now: minus the LM loss, or minus the mean logit distance to `reference`."""
+        model = ctx.model
+        ids = ctx.calibration_ids()
+        device = model.get_input_embeddings().weight.device
+        total = count = 0.0
+        for b, start in enumerate(range(0, ids.shape[0], ctx.recipe.batch_size)):
+            batch = ids[start:start + ctx.recipe.batch_size].to(device)
+            logits = model(batch, use_cache=False).logits.float()
+            if opts.utility == "loss":
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="sum")
+                total += nll.item()
+                count += batch[:, 1:].numel()
+            else:
+                total += (logits - reference[b].to(logits.device)).norm(dim=-1).sum().item()
+                count += logits.shape[0] * logits.shape[1]
+        return -total / count
+
+    @torch.no_grad()
+    def subnetwork_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int]) -> dict[int, float]:
+        score = self.score(ctx.recipe)
+        model, spec = ctx.model, ctx.spec
+        gen = torch.Generator().manual_seed(ctx.recipe.seed)
+        masks = score.fn.masks(len(candidates), opts.samples, opts.keep, gen)
+        reference = None
+        if opts.utility == "logit_distance":
+            ids = ctx.calibration_ids()
+            device = model.get_input_embeddings().weight.device
+            reference = [model(ids[s:s + ctx.recipe.batch_size].to(device), use_cache=False).logits.float().cpu()
+                         for s in range(0, ids.shape[0], ctx.recipe.batch_size)]
+        utilities = []
+        for row, mask in enumerate(masks):
+            off = [c for c, present in zip(candidates, mask.tolist()) if not present]
+            with units_disabled(model, spec, opts.unit, disabled + off):
+                utilities.append(self.utility(ctx, opts, reference))
+            ctx.progress.update(f"depth: {score.name} sub-networks", row + 1, len(masks))
+        values = score.fn.values(masks, torch.tensor(utilities, dtype=torch.float64))
+        return dict(zip(candidates, values.tolist()))
+
+    def unit_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int]) -> dict[int, float]:
+        if self.score(ctx.recipe).kind == "subnetwork":
+            return self.subnetwork_scores(ctx, opts, candidates, disabled)
+        return self.per_token_scores(ctx, opts, candidates, disabled)
+
+    # -- selection --------------------------------------------------------------------------------------------
+
+    def removal_budget(self, ctx: PruneContext) -> tuple[int | None, int | None]:
+        """(number of units, or parameters) the target asks to remove."""
+        recipe = ctx.recipe
+        to_remove = recipe.target.params_to_remove(count_parameters(ctx.model, ctx.spec)["total"])
+        if to_remove is None:
+            return round(recipe.target.ratio * ctx.model.config.num_hidden_layers), None
+        return None, to_remove
+
+    def select(self, ctx: PruneContext, opts, candidates: list[int]) -> tuple[list[int], list[dict]]:
+        """Units to remove, and the scores seen at each step (one step when one-shot)."""
+        count, to_remove = self.removal_budget(ctx)
+        chosen: list[int] = []
+        history: list[dict] = []
+        removed = 0
+
+        def done() -> bool:
+            return len(chosen) >= count if count is not None else removed >= to_remove
+
+        while not done():
+            remaining = [c for c in candidates if c not in chosen]
+            if not remaining:
+                what = f"{count} units" if count is not None else f"{to_remove:,} parameters"
+                raise InvalidTargetError(f"The target asks for {what} of {opts.unit} removal but only "
+                                         f"{len(candidates)} candidates exist (protected or already removed units "
+                                         "are excluded). Lower the target.")
+            scores = self.unit_scores(ctx, opts, remaining, chosen)
+            history.append({str(k): v for k, v in sorted(scores.items())})
+            ranked = sorted(remaining, key=lambda i: (scores[i], i))
+            for unit in ranked[:1] if opts.iterative else ranked:
+                if done():
+                    break
+                chosen.append(unit)
+                removed += _unit_params(ctx.model, ctx.spec, unit, opts.unit)
+        if opts.unit == "block" and len(chosen) >= ctx.model.config.num_hidden_layers:
+            raise InvalidTargetError("The target removes every block; lower it.")
+        return sorted(chosen), history
+
+    # -- recovery and removal ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def mean_updates(self, ctx: PruneContext, opts, units: list[int], progressive: bool) -> dict[int, torch.Tensor]:
+        """Mean update of each unit on the calibration tokens. With `progressive`, units are removed (replaced by
+        their constant) as the pass goes, so each later mean is measured on the pruned model."""
         model, spec = ctx.model, ctx.spec
         runner = ctx.runner()
         n = model.config.num_hidden_layers
-        result = {}
+        means: dict[int, torch.Tensor] = {}
         for i in range(n):
-            inputs = runner.hidden
-            if i in candidates and unit != "block":
-                layer = decoder_layers(model, spec)[i]
-                attn = BranchOutputs()
-                outputs = collect(runner, i, {"attn": (layer.get_submodule(spec.branch_module("attention")), attn)})
-                mids = [x + a.to(x.device) for x, a in zip(inputs, attn.outputs)]
-                pairs = zip(inputs, mids) if unit == "attention" else zip(mids, outputs)
-            else:
+            if i not in units:
+                runner.advance(i)
+                continue
+            layer = decoder_layers(model, spec)[i]
+            if opts.unit == "block":
                 outputs = runner.run_layer(i)
-                pairs = zip(inputs, outputs)
-            if i in candidates:
-                total = count = 0.0
-                for x, y in pairs:
-                    values = score.fn(x.flatten(0, -2), y.flatten(0, -2))
-                    total += values.sum().item()
-                    count += values.numel()
-                result[i] = total / count
+                deltas = [_tokens(y - x, opts.recovery_skip_first) for x, y in zip(runner.hidden, outputs)]
+            else:
+                branch = BranchOutputs()
+                outputs = collect(runner, i, {"b": (layer.get_submodule(spec.branch_module(opts.unit)), branch)})
+                deltas = [_tokens(o, opts.recovery_skip_first) for o in branch.outputs]
+            stacked = torch.cat([d.double() for d in deltas])
+            means[i] = stacked.mean(0).to(next(layer.parameters()).dtype)
+            if progressive:
+                self.replace(ctx, opts, i, means[i])
+                outputs = None
             runner.advance(i, outputs)
-            ctx.progress.update(f"depth scores ({unit})", i + 1, n)
-        return result
+            ctx.progress.update("depth: mean updates", i + 1, n)
+        return means
+
+    def replace(self, ctx: PruneContext, opts, layer_idx: int, constant: torch.Tensor | None) -> None:
+        """Remove a unit in place, leaving `constant` (if any) as its output."""
+        skip = {SKIP_ATTENTION, SKIP_MLP} if opts.unit == "block" else {opts.unit}
+        bias_branch = SKIP_MLP if opts.unit == "block" else opts.unit
+        bias = {bias_branch: constant} if constant is not None else {}
+        prune_layer(ctx.model, ctx.spec, layer_idx, LayerPlan(skip=skip, skip_bias=bias))
+
+    def finalize_blocks(self, ctx: PruneContext, blocks: list[int], means: dict[int, torch.Tensor]) -> dict:
+        """Delete removed blocks; fold each block's mean update into the preceding kept block's MLP output bias
+        when the family allows it, else keep the block as an empty layer carrying the constant."""
+        model, spec = ctx.model, ctx.spec
+        foldable = "mlp" in spec.bias_flags and "mlp_out" not in spec.norms
+        kept_as_constant, folded = [], []
+        removed_set = set(blocks)
+        for i in blocks:
+            if i not in means:
+                continue
+            pred = max((j for j in range(i) if j not in removed_set), default=None)
+            if foldable and pred is not None and SKIP_MLP not in layer_shapes(model.config)[pred].skip:
+                enable_bias(model, spec, "mlp")
+                down = linear(decoder_layers(model, spec)[pred], spec, "mlp", "down")
+                with torch.no_grad():
+                    down.bias.add_(means[i].to(down.bias.device, down.bias.dtype))
+                folded.append(i)
+            else:
+                kept_as_constant.append(i)
+        remove_layers(model, spec, [i for i in blocks if i not in kept_as_constant])
+        return {"folded_into_previous_mlp_bias": folded, "kept_as_constant_layer": kept_as_constant}
 
     def run(self, ctx: PruneContext) -> dict:
         opts = self.options(ctx.recipe)
-        model, spec, recipe = ctx.model, ctx.spec, ctx.recipe
+        model, spec = ctx.model, ctx.spec
         n = model.config.num_hidden_layers
         candidates = self.candidates(ctx, opts.unit)
-        scores: dict[int, float] = {}
+        recover = opts.recovery == "mean_update"
+        means: dict[int, torch.Tensor] = {}
+        if recover and opts.recovery_source == "unpruned":
+            means = self.mean_updates(ctx, opts, candidates, progressive=False)
+        history: list[dict] = []
         if opts.layers is not None:
             bad = [i for i in opts.layers if i not in range(n)]
             if bad:
                 raise InvalidTargetError(f"Layers {bad} do not exist; the model has layers 0..{n - 1}.")
             chosen = sorted(set(opts.layers))
+            if recover and opts.recovery_source == "unpruned":
+                missing = [i for i in chosen if i not in means]
+                means.update(self.mean_updates(ctx, opts, missing, progressive=False) if missing else {})
         else:
-            scores = self.unit_scores(ctx, opts.unit, candidates)
-            ranked = sorted(candidates, key=lambda i: (scores[i], i))
-            to_remove = recipe.target.params_to_remove(count_parameters(model, spec)["total"])
-            if to_remove is None:
-                count = round(recipe.target.ratio * n)
-            else:
-                count, removed = 0, 0
-                while removed < to_remove and count < len(ranked):
-                    removed += _branch_params(model, spec, ranked[count], opts.unit)
-                    count += 1
-                if removed < to_remove:
-                    raise InvalidTargetError(f"Removing every candidate {opts.unit} frees only {removed:,} of the "
-                                             f"{to_remove:,} parameters the target needs.")
-            if count > len(ranked) or (opts.unit == "block" and count >= n):
-                raise InvalidTargetError(f"The target removes {count} {opts.unit} units but only {len(ranked)} are "
-                                         "candidates (protected or already removed ones excluded). Lower the ratio.")
-            chosen = sorted(ranked[:count])
-        if opts.unit == "block":
-            remove_layers(model, spec, chosen)
+            chosen, history = self.select(ctx, opts, candidates)
+        if recover and opts.recovery_source == "pruned":
+            means = self.mean_updates(ctx, opts, chosen, progressive=True)
         else:
-            branch = SKIP_ATTENTION if opts.unit == "attention" else SKIP_MLP
             for i in chosen:
-                prune_layer(model, spec, i, LayerPlan(skip={branch}))
-        return {"unit": opts.unit, "removed": chosen, "scores": {str(k): v for k, v in sorted(scores.items())}}
+                self.replace(ctx, opts, i, means.get(i) if recover else None)
+        storage = self.finalize_blocks(ctx, chosen, means if recover else {}) if opts.unit == "block" else {}
+        report = {"unit": opts.unit, "removed": chosen, "scores": history[0] if len(history) == 1 else history}
+        if recover:
+            report["recovery"] = {"source": opts.recovery_source, "skip_first": opts.recovery_skip_first,
+                                  "norms": {str(i): means[i].float().norm().item() for i in chosen}, **storage}
+        return report

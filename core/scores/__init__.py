@@ -15,6 +15,7 @@ class Score:
     fn: Callable
     needs_data: bool
     doc: str
+    kind: str = "weights"  # 'weights', 'per_token' (depth: f(x, y) per token) or 'subnetwork' (depth: utilities)
 
 
 MLP_SCORES: Registry[Score] = Registry("MLP score")
@@ -22,10 +23,10 @@ HEAD_SCORES: Registry[Score] = Registry("attention-head score")
 DEPTH_SCORES: Registry[Score] = Registry("depth score")
 
 
-def _register(registry: Registry[Score], name: str, needs_data: bool = False):
+def _register(registry: Registry[Score], name: str, needs_data: bool = False, kind: str = "weights"):
     def deco(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        registry.add(name, Score(name, fn, needs_data, doc))
+        registry.add(name, Score(name, fn, needs_data, doc, kind))
         return fn
 
     return deco
@@ -39,8 +40,8 @@ def head_score(name: str, needs_data: bool = False):
     return _register(HEAD_SCORES, name, needs_data)
 
 
-def depth_score(name: str, needs_data: bool = True):
-    return _register(DEPTH_SCORES, name, needs_data)
+def depth_score(name: str, kind: str = "per_token"):
+    return _register(DEPTH_SCORES, name, True, kind)
 
 
 from . import depth, heads, mlp  # noqa: E402,F401  (fill the registries)
