@@ -33,6 +33,16 @@ def _float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as a YAML scalar or list (true, 8, 0.5, [1, 2], kv_group)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="Hub id or local folder (default: the shipped reference model)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub model")
@@ -68,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", help="head pruning: kv_group (default) or query")
     p.add_argument("--unit", help="depth pruning: block (default), attention or mlp")
     p.add_argument("--layers", type=_int_list, help="depth pruning: remove exactly these units, e.g. 3,5")
+    p.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE", default=None,
+                   help="any method option, e.g. --option greedy=false --option alpha=8 (repeatable)")
     p.add_argument("--calib", help="calibration: builtin, a .txt/.jsonl file, or dataset:NAME[:CONFIG]")
     p.add_argument("--calib-samples", type=int, help="number of calibration windows (default 32)")
     p.add_argument("--calib-seq-len", type=int, help="tokens per window (default 128)")
@@ -91,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, help="window stride (default: max-length, i.e. no overlap)")
     e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    e.add_argument("--speed", action="store_true", help="prefill latency and decode throughput (batch 1 and 8)")
+    e.add_argument("--prompt-tokens", type=int, default=256)
+    e.add_argument("--new-tokens", type=int, default=256)
+    e.add_argument("--repeats", type=int, default=3)
     m = sub.add_parser("methods", help="list methods, scores and options")
     m.add_argument("--json", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true")
@@ -130,6 +147,8 @@ def _recipe_from_args(args: argparse.Namespace):
     put("layers", "protect_last", args.protect_last)
     for key in ("mode", "unit", "layers"):
         put("options", key, getattr(args, key))
+    for key, value in args.option or []:
+        put("options", key, value)
     for flag, key in (("calib", "source"), ("calib_samples", "n_samples"), ("calib_seq_len", "seq_len"),
                       ("calib_seed", "seed"), ("calib_split", "split"), ("calib_text_field", "text_field")):
         put("calibration", key, getattr(args, flag))
@@ -212,31 +231,51 @@ def _evaluate(name: str | None, args: argparse.Namespace) -> dict:
     from .evaluate import perplexity_of_file
     from .model_io import LoadOptions, load_model, resolve_model_name
     from .params import count_parameters
+    from .speed import folder_bytes, measure_speed, weight_bytes
 
     name = resolve_model_name(name)
     opts = LoadOptions(revision=args.revision, dtype=args.dtype or "auto", device=args.device,
                        device_map=args.device_map, allow_pickle=bool(args.allow_pickle),
                        trust_remote_code=bool(args.trust_remote_code))
     model, tokenizer = load_model(name, opts)
-    ppl = perplexity_of_file(model, tokenizer, args.ppl, max_length=args.max_length, stride=args.stride,
-                             batch_size=args.batch_size, max_tokens=args.max_tokens)
-    return {"model": name, "parameters": count_parameters(model, spec_for_config(model.config))["total"],
-            "perplexity": ppl.to_dict(), "text": args.ppl}
+    result = {"model": name, "parameters": count_parameters(model, spec_for_config(model.config))["total"],
+              "weight_bytes": weight_bytes(model), "disk_bytes": folder_bytes(name)}
+    if not args.no_ppl:
+        ppl = perplexity_of_file(model, tokenizer, args.ppl, max_length=args.max_length, stride=args.stride,
+                                 batch_size=args.batch_size, max_tokens=args.max_tokens)
+        result.update(perplexity=ppl.to_dict(), text=args.ppl)
+    if args.speed:
+        result["speed"] = measure_speed(model, args.prompt_tokens, args.new_tokens, repeats=args.repeats)
+    return result
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .speed import speed_ratios
+
     results = [_evaluate(args.model, args)]
     if args.compare:
         results.append(_evaluate(args.compare, args))
-    lines = [f"{'':<12}" + "".join(f"{r['model'][-40:]:>42}" for r in results),
-             f"{'parameters':<12}" + "".join(f"{r['parameters']:>42,}" for r in results),
-             f"{'perplexity':<12}" + "".join(f"{r['perplexity']['perplexity']:>42.3f}" for r in results),
-             f"{'tokens':<12}" + "".join(f"{r['perplexity']['tokens']:>42,}" for r in results)]
+    rows = [("parameters", lambda r: f"{r['parameters']:,}"), ("weights MB", lambda r: f"{r['weight_bytes'] / 1e6:.1f}")]
+    if not args.no_ppl:
+        rows += [("perplexity", lambda r: f"{r['perplexity']['perplexity']:.3f}"),
+                 ("ppl tokens", lambda r: f"{r['perplexity']['tokens']:,}")]
+    if args.speed:
+        rows += [("prefill s", lambda r: f"{r['speed']['prefill_seconds']:.4f}")]
+        rows += [(f"decode tok/s b{b}", lambda r, b=b: f"{r['speed']['decode'][b]['tokens_per_second']:.1f}")
+                 for b in results[0]["speed"]["decode"]]
+    lines = [f"{'':<18}" + "".join(f"{r['model'][-40:]:>42}" for r in results)]
+    lines += [f"{label:<18}" + "".join(f"{fmt(r):>42}" for r in results) for label, fmt in rows]
+    payload: dict = {"results": results}
     if len(results) == 2:
         a, b = results
-        lines.append(f"ratio (2nd/1st): parameters {b['parameters'] / a['parameters']:.3f}, perplexity "
-                     f"{b['perplexity']['perplexity'] / a['perplexity']['perplexity']:.3f}")
-    _emit(args, {"results": results}, lines)
+        ratios = {"parameters": b["parameters"] / a["parameters"]}
+        if not args.no_ppl:
+            ratios["perplexity"] = b["perplexity"]["perplexity"] / a["perplexity"]["perplexity"]
+        if args.speed:
+            ratios.update(speed_ratios(a["speed"], b["speed"]))
+        payload["ratios"] = ratios
+        lines.append("2nd vs 1st: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    _emit(args, payload, lines)
 
 
 def cmd_methods(args: argparse.Namespace) -> None:

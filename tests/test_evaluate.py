@@ -57,3 +57,19 @@ def test_eval_cli_compares_two_models(tiny_dir, tmp_path):
     assert len(results) == 2
     assert results[0]["perplexity"] == results[1]["perplexity"]
     assert results[0]["parameters"] == sum(p.numel() for p in tiny_model("llama").parameters())
+
+
+def test_speed_measurement_reports_prefill_decode_and_memory():
+    from core.speed import measure_speed, speed_ratios
+
+    model = tiny_model("gemma3")
+    speed = measure_speed(model, prompt_len=16, new_tokens=4, batch_sizes=(1, 2), repeats=1, warmup=0)
+    assert speed["prefill_seconds"] > 0 and speed["peak_rss_bytes"] > 0
+    assert set(speed["decode"]) == {"1", "2"}
+    assert all(v["tokens_per_second"] > 0 for v in speed["decode"].values())
+    halved = dict(speed, prefill_seconds=speed["prefill_seconds"] / 2,
+                  decode={k: {"seconds": v["seconds"] / 2, "tokens_per_second": v["tokens_per_second"] * 2}
+                          for k, v in speed["decode"].items()})
+    ratios = speed_ratios(speed, halved)
+    assert ratios["prefill_speedup"] == pytest.approx(2.0)
+    assert ratios["decode_speedup_batch2"] == pytest.approx(2.0)
