@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    e.add_argument("--tasks", help="lm-eval tasks, comma separated ('default' = the pruning literature's set; "
+                                   "offline: pydoc_cloze)")
+    e.add_argument("--task-dir", action="append", default=[], help="extra lm-eval task folder (repeatable)")
+    e.add_argument("--limit", type=int, help="lm-eval: at most N examples per task")
     e.add_argument("--speed", action="store_true", help="prefill latency and decode throughput (batch 1 and 8)")
     e.add_argument("--prompt-tokens", type=int, default=256)
     e.add_argument("--new-tokens", type=int, default=256)
@@ -244,6 +248,11 @@ def _evaluate(name: str | None, args: argparse.Namespace) -> dict:
         ppl = perplexity_of_file(model, tokenizer, args.ppl, max_length=args.max_length, stride=args.stride,
                                  batch_size=args.batch_size, max_tokens=args.max_tokens)
         result.update(perplexity=ppl.to_dict(), text=args.ppl)
+    if args.tasks:
+        from .harness import DEFAULT_TASKS, run_tasks
+
+        tasks = list(DEFAULT_TASKS) if args.tasks == "default" else [t for t in args.tasks.split(",") if t]
+        result["lm_eval"] = run_tasks(model, tokenizer, tasks, args.task_dir, args.limit, args.batch_size)
     if args.speed:
         result["speed"] = measure_speed(model, args.prompt_tokens, args.new_tokens, repeats=args.repeats)
     return result
@@ -259,12 +268,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not args.no_ppl:
         rows += [("perplexity", lambda r: f"{r['perplexity']['perplexity']:.3f}"),
                  ("ppl tokens", lambda r: f"{r['perplexity']['tokens']:,}")]
+    for task, metrics in (results[0].get("lm_eval") or {}).get("tasks", {}).items():
+        rows += [(f"{task} {m}"[:24], lambda r, t=task, m=m: f"{r['lm_eval']['tasks'][t][m]:.4f}")
+                 for m in metrics if "stderr" not in m]
     if args.speed:
         rows += [("prefill s", lambda r: f"{r['speed']['prefill_seconds']:.4f}")]
         rows += [(f"decode tok/s b{b}", lambda r, b=b: f"{r['speed']['decode'][b]['tokens_per_second']:.1f}")
                  for b in results[0]["speed"]["decode"]]
-    lines = [f"{'':<18}" + "".join(f"{r['model'][-40:]:>42}" for r in results)]
-    lines += [f"{label:<18}" + "".join(f"{fmt(r):>42}" for r in results) for label, fmt in rows]
+    lines = [f"{'':<24}" + "".join(f"{r['model'][-40:]:>42}" for r in results)]
+    lines += [f"{label:<24}" + "".join(f"{fmt(r):>42}" for r in results) for label, fmt in rows]
     payload: dict = {"results": results}
     if len(results) == 2:
         a, b = results

@@ -1,0 +1,81 @@
+"""lm-eval on an in-memory (pruned) model through lm-eval's own HF wrapper.
+
+Task folders may use `${TASK_DIR}` in their YAML (e.g. for local data files); it is replaced by the folder's
+absolute path, so task folders work from any working directory. The repository ships an offline task
+(`reference/tasks`, task `pydoc_cloze`), always available.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import PruningError
+
+logger = logging.getLogger(__name__)
+
+# the pruning literature's zero-shot set (needs the datasets from the Hub)
+DEFAULT_TASKS = ("wikitext", "boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+BUNDLED_TASKS = Path(__file__).resolve().parent.parent / "reference" / "tasks"
+
+
+@contextmanager
+def prepared_task_dirs(task_dirs: list[str | Path]) -> Iterator[list[str]]:
+    """Copies of the task folders' YAML files with ${TASK_DIR} filled in (removed afterwards)."""
+    tmp = Path(tempfile.mkdtemp(prefix="lm-eval-tasks-"))
+    try:
+        out = []
+        for n, folder in enumerate(Path(d).resolve() for d in task_dirs):
+            if not folder.is_dir():
+                raise PruningError(f"Task folder {folder} does not exist.")
+            target = tmp / str(n)
+            target.mkdir()
+            for yaml_file in folder.glob("*.yaml"):
+                text = yaml_file.read_text(encoding="utf-8").replace("${TASK_DIR}", str(folder))
+                (target / yaml_file.name).write_text(text, encoding="utf-8")
+            out.append(str(target))
+        yield out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _metrics(entry: dict) -> dict:
+    """'acc,none' -> 'acc'; keeps numbers only."""
+    out = {}
+    for key, value in entry.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "sample_len":
+            metric, _, filt = key.partition(",")
+            out[metric if filt in ("", "none") else f"{metric}[{filt}]"] = value
+    return out
+
+
+def run_tasks(model, tokenizer, tasks: list[str], task_dirs: list[str | Path] = (), limit: int | None = None,
+              batch_size: int = 8, num_fewshot: int | None = None, seed: int = 1234) -> dict:
+    """Run lm-eval `tasks` on `model`. Returns {"tasks": {task: {metric: value}}, "limit", "lm_eval_version"}."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise PruningError("lm-eval is not installed: pip install lm-eval") from err
+    if tokenizer is None:
+        raise PruningError("lm-eval needs the model's tokenizer.")
+    with prepared_task_dirs([BUNDLED_TASKS, *task_dirs]) as include:
+        manager = TaskManager(include_path=include)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise PruningError(f"Unknown lm-eval task(s) {unknown}. Offline, use the bundled 'pydoc_cloze' or a "
+                               "task folder of your own (--task-dir).")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        try:
+            raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed)
+        except (ConnectionError, OSError) as err:
+            raise PruningError(f"lm-eval could not load a task's data ({err}). The literature's tasks download "
+                               "their datasets from the Hub; offline, use local task folders.") from err
+    return {"tasks": {name: _metrics(entry) for name, entry in raw["results"].items()}, "limit": limit,
+            "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
