@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from tokenizers import Tokenizer
 
 REFERENCE_DIR = Path(__file__).resolve().parent
@@ -24,7 +25,7 @@ MAX_POSITIONS = 512
 
 
 def setup(threads: int, verbose: bool = False) -> None:
-    """Configure logging and cap every thread pool (torch, tokenizers/rayon) at ``threads``."""
+    """Configure logging (no progress bars); cap all thread pools (torch, rayon) at ``threads``."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -32,6 +33,7 @@ def setup(threads: int, verbose: bool = False) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
 
 
 def encode_file(tokenizer_dir: Path, path: Path):
@@ -64,8 +66,9 @@ def perplexities(model, ids, unigram_lp, seq_len: int = SEQ_LEN, batch_size: int
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(windows), batch_size):
-            for length in sorted({len(w) for w in windows[start:start + batch_size]}):
-                batch = torch.stack([w for w in windows[start:start + batch_size] if len(w) == length])
+            chunk = windows[start:start + batch_size]
+            for length in sorted({len(w) for w in chunk}):
+                batch = torch.stack([w for w in chunk if len(w) == length])
                 logits = model(input_ids=batch).logits[:, :-1].float()
                 targets = batch[:, 1:]
                 nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM)
 
@@ -94,8 +93,10 @@ class Trainer:
     def _optimizer(self) -> torch.optim.AdamW:
         """AdamW with weight decay on matrices only (not on norms)."""
         params = list(self.model.parameters())
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.args.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.args.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=self.args.lr, betas=(0.9, 0.95), eps=1e-8)
 
     def progress(self) -> float:
@@ -159,8 +160,8 @@ class Trainer:
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
             if self.step % args.log_every == 0:
                 now = time.monotonic()
-                log.info("step %d  loss %.4f  lr %.2e  %.0f tok/s  %.1f min  %.1f%% done", self.step,
-                         window_loss / window_steps, lr,
+                log.info("step %d  loss %.4f  lr %.2e  %.0f tok/s  %.1f min  %.1f%% done",
+                         self.step, window_loss / window_steps, lr,
                          window_steps * args.batch_size * SEQ_LEN / (now - window_start),
                          self.elapsed / 60, 100 * self.progress())
                 window_start = now
@@ -202,7 +203,7 @@ def verify(trainer: Trainer, out: Path) -> tuple[dict, str]:
     return metrics, tokenizer.decode(generated[0])
 
 
-def write_report(trainer: Trainer, out: Path, final: dict, fp32: dict, sample: str,
+def write_report(trainer: Trainer, out: Path, final: dict, fp32_perplexity: float, sample: str,
                  train_loss: float) -> None:
     """Write training_metrics.json and the model card README.md into ``out``."""
     args = trainer.args
@@ -223,12 +224,13 @@ def write_report(trainer: Trainer, out: Path, final: dict, fp32: dict, sample: s
         "tokens_per_second": round(tokens / trainer.elapsed, 1),
         "final_train_loss": round(train_loss, 4),
         "eval_perplexity": round(final["perplexity"], 3),
-        "eval_perplexity_fp32": round(fp32["perplexity"], 3),
+        "eval_perplexity_fp32": round(fp32_perplexity, 3),
         "unigram_perplexity": round(final["unigram_perplexity"], 3),
         "eval_tokens": final["eval_tokens"],
-        "hyperparameters": {"lr": args.lr, "min_lr_ratio": MIN_LR_RATIO, "warmup_steps": args.warmup,
-                            "weight_decay": args.weight_decay, "betas": [0.9, 0.95], "grad_clip": 1.0,
-                            "bf16_autocast": args.amp, "seed": args.seed, "threads": args.threads},
+        "hyperparameters": {"lr": args.lr, "min_lr_ratio": MIN_LR_RATIO,
+                            "warmup_steps": args.warmup, "weight_decay": args.weight_decay,
+                            "betas": [0.9, 0.95], "grad_clip": 1.0, "bf16_autocast": args.amp,
+                            "seed": args.seed, "threads": args.threads},
         "machine": "2-core CPU (1 training thread)" if args.threads == 1 else "2-core CPU",
         "torch": torch.__version__,
         "commands": trainer.commands,
@@ -236,9 +238,9 @@ def write_report(trainer: Trainer, out: Path, final: dict, fp32: dict, sample: s
     }
     (out / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     resumed = len(trainer.commands) - 1
-    card = MODEL_CARD.format(m=metrics, cfg=model.config, command="\n".join(trainer.commands),
-                             resumed=f"Resumed {resumed} time(s) from a checkpoint. " if resumed else "",
-                             sample=sample.strip())
+    card = MODEL_CARD.format(
+        m=metrics, cfg=model.config, command="\n".join(trainer.commands), sample=sample.strip(),
+        resumed=f"Resumed {resumed} time(s) from a checkpoint. " if resumed else "")
     (out / "README.md").write_text(card)
 
 
@@ -289,12 +291,13 @@ Python, licensed under the PSF License Agreement (version 2). See
 ```
 
 {resumed}AdamW (betas 0.9/0.95, weight decay {m[hyperparameters][weight_decay]}),
-peak learning rate {m[hyperparameters][lr]}, {m[hyperparameters][warmup_steps]} warmup steps, cosine decay
-to {m[hyperparameters][min_lr_ratio]} of the peak, gradient clipping 1.0, bfloat16 autocast:
-{m[hyperparameters][bf16_autocast]}, seed {m[hyperparameters][seed]}. Batches of {m[batch_size]} random
-windows of {m[sequence_length]} tokens.
+peak learning rate {m[hyperparameters][lr]}, {m[hyperparameters][warmup_steps]} warmup steps,
+cosine decay to {m[hyperparameters][min_lr_ratio]} of the peak, gradient clipping 1.0,
+bfloat16 autocast: {m[hyperparameters][bf16_autocast]}, seed {m[hyperparameters][seed]}.
+Batches of {m[batch_size]} random windows of {m[sequence_length]} tokens.
 
-- steps: {m[steps]:,}; tokens seen: {m[tokens_seen]:,} ({m[epochs]} passes over {m[train_tokens]:,} training tokens)
+- steps: {m[steps]:,}; tokens seen: {m[tokens_seen]:,}
+  ({m[epochs]} passes over the {m[train_tokens]:,} training tokens)
 - wall time: {m[train_minutes]} minutes on a {m[machine]}, {m[tokens_per_second]} tokens/s
 - final training loss: {m[final_train_loss]}
 
@@ -321,7 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=75.0, help="training wall-clock budget")
     parser.add_argument("--steps", type=int, default=0,
-                        help="train for exactly this many steps instead of --minutes (reproducible)")
+                        help="train exactly this many steps instead of --minutes (reproducible)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     parser.add_argument("--tokenizer", type=Path, default=MODEL_DIR,
@@ -340,7 +343,6 @@ def main() -> None:
                         help="bfloat16 autocast for training steps (evaluation is float32)")
     args = parser.parse_args()
     setup(args.threads)
-    transformers.utils.logging.disable_progress_bar()
     trainer = Trainer(args)
     params = sum(p.numel() for p in trainer.model.parameters())
     log.info("model: %d parameters, %d layers", params, args.layers)
@@ -351,7 +353,7 @@ def main() -> None:
     log.info("saved %s: eval perplexity %.2f (bf16) / %.2f (fp32), unigram %.2f", args.out,
              final["perplexity"], fp32["eval_perplexity"], final["unigram_perplexity"])
     log.info("sample: %r", sample)
-    write_report(trainer, args.out, final, {"perplexity": fp32["eval_perplexity"]}, sample, train_loss)
+    write_report(trainer, args.out, final, fp32["eval_perplexity"], sample, train_loss)
 
 
 if __name__ == "__main__":
