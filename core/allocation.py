@@ -59,6 +59,11 @@ class LayerSelection:
     protect_first: int = 0
     protect_last: int = 0
 
+    def __post_init__(self) -> None:
+        if self.ratios is not None and (self.protect_first or self.protect_last):
+            raise InvalidTargetError("Explicit per-layer ratios already say which layers are pruned; give either "
+                                     "ratios or protect_first/protect_last, not both (use ratio 0 to protect).")
+
     def prunable(self, n_layers: int) -> list[int]:
         if self.protect_first < 0 or self.protect_last < 0:
             raise InvalidTargetError("protect_first / protect_last must be >= 0.")

@@ -160,6 +160,8 @@ def _recipe_from_args(args: argparse.Namespace):
         put("load", key, getattr(args, key))
     if "method" not in data:
         raise RecipeError("No method given: pass --method (see `python -m core methods`) or --recipe FILE.")
+    if "target" not in data and args.layer_ratios:
+        data["target"] = {"ratio": sum(args.layer_ratios) / len(args.layer_ratios)}  # informational only
     if "target" not in data:
         raise RecipeError("No target given: pass one of --ratio, --param-ratio, --target-params, "
                           "--expansion-rate, --width (or a recipe with target:).")

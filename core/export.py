@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import yaml
@@ -49,7 +49,8 @@ def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool
     """Write the pruned model to `out_dir` atomically. Returns the final path."""
     out = check_output(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the final folder; mkdir honours the umask
     try:
         _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {})
         if out.exists():

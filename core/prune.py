@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .architectures import ArchSpec, spec_for_config
-from .errors import UnknownNameError
+from .errors import RecipeError, UnknownNameError
 from .layer_config import layer_shapes
 from .methods import METHODS, PruneContext
 from .model_io import LoadOptions, load_model, resolve_model_name
@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 def normalize(recipe: Recipe) -> Recipe:
     """Resolve shorthands (`method: maw` means MLP width pruning scored by maw) and validate for the method."""
     if recipe.method not in METHODS and recipe.method in MLP_SCORES:
+        if recipe.score not in (None, recipe.method):
+            raise RecipeError(f"Method {recipe.method!r} is shorthand for mlp_width with score {recipe.method!r}, "
+                              f"which conflicts with score {recipe.score!r}. Use --method mlp_width --score "
+                              f"{recipe.score}.")
         recipe = recipe.replace(method="mlp_width", score=recipe.method)
     elif recipe.method not in METHODS:  # the registry's did-you-mean would not know the score shorthands
         close = difflib.get_close_matches(recipe.method, list(METHODS) + list(MLP_SCORES), n=1)
@@ -113,6 +117,7 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
     finally:
         prog.close()
     seconds = time.perf_counter() - start
+    _check_target(recipe, before["total"], count_parameters(model, spec)["total"])
     name = base_model or recipe.model or getattr(model.config, "_name_or_path", "") or "unknown"
     return PruneResult(
         model=model, tokenizer=tokenizer, recipe=recipe, spec=spec, params_before=before,
@@ -120,6 +125,18 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
         base_revision=_hub_revision(name, recipe.revision) if name != "unknown" else None,
         calibration=recipe.calibration.describe() if method.needs_data(recipe) else None,
     )
+
+
+def _check_target(recipe: Recipe, before: int, after: int) -> None:
+    """Warn when a parameter-level target could only be approximated (uniform sizes round per layer)."""
+    wanted = recipe.target.params_to_remove(before)
+    if wanted is None or wanted == 0:
+        return
+    removed = before - after
+    if abs(removed - wanted) > 0.05 * wanted:
+        logger.warning("the target asked for %s parameters removed, the result removes %s (%+.0f%%): sizes are "
+                       "rounded to whole units per layer; per-layer ratios or a finer unit get closer",
+                       f"{wanted:,}", f"{removed:,}", 100 * (removed - wanted) / wanted)
 
 
 def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False) -> PruneResult:

@@ -103,9 +103,9 @@ def spec_for_config(config) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     spec = _BY_MODEL_TYPE.get(model_type)
     if spec is None:
-        hint = _HINTS.get(model_type, "")
+        hint = _HINTS.get(model_type)
         raise UnsupportedArchitectureError(
-            f"Model type {model_type!r} is not supported. {hint} Supported model types: "
+            f"Model type {model_type!r} is not supported.{' ' + hint if hint else ''} Supported model types: "
             f"{', '.join(supported_model_types())}. To add a family with the Llama layout, add a YAML file to "
             f"core/architectures/."
         )

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..architectures import ArchSpec
 from ..calibration import load_calibration
-from ..errors import InvalidTargetError, RecipeError
+from ..errors import CalibrationError, InvalidTargetError, RecipeError
 from ..pipeline import LayerwiseRunner
 from ..progress import Progress
 from ..recipe import Recipe
@@ -75,6 +75,17 @@ class Method:
         self.options(recipe)
         if (recipe.target.expansion_rate is not None or recipe.target.width is not None) and self.name != "mlp_width":
             raise InvalidTargetError("expansion_rate and width targets apply to MLP width pruning only.")
+        if recipe.layers.ratios is not None and recipe.target.ratio is None:
+            raise InvalidTargetError("Explicit per-layer ratios set how much each layer loses; they cannot be "
+                                     "combined with a parameter or width target. Use `ratio` (it is then ignored) "
+                                     "or drop the per-layer ratios.")
+        source = recipe.calibration.source
+        if self.needs_data(recipe) and source != "builtin" and not source.startswith("dataset:"):
+            from pathlib import Path
+
+            if not Path(source).is_file():
+                raise CalibrationError(f"Calibration file {source!r} does not exist. Give a .txt or .jsonl file, "
+                                       "'builtin', or 'dataset:NAME'.")
 
     def needs_data(self, recipe: Recipe) -> bool:
         score = self.score(recipe)
