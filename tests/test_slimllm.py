@@ -116,12 +116,14 @@ def test_eq11_ratios_average_to_r0_and_respect_the_clip():
     assert clipped[clipped > 0].mean().item() == pytest.approx(0.8)
 
 
-def _attention_outputs(model, spec, runner, layer_idx):
-    outs = []
-    o = decoder_layers(model, spec)[layer_idx].get_submodule(f"{spec.attention.module}.{spec.attention.o}")
-    with forward_hooks({"o": o}, lambda name, mod, inp, out: outs.append(out.detach())):
-        runner.run_layer(layer_idx)
-    return torch.cat([x.flatten(0, -2) for x in outs])
+def _sublayer_output(model, spec, runner, branch):
+    """Output of layer 0's o_proj ('attention') or down_proj ('mlp') on the runner's calibration batches: [N, d]."""
+    path = f"{spec.attention.module}.{spec.attention.o}" if branch == "attention" else f"{spec.mlp.module}.{spec.mlp.down}"
+    captured = []
+    with forward_hooks({"t": decoder_layers(model, spec)[0].get_submodule(path)},
+                       lambda name, mod, inp, out: captured.append(out.detach())):
+        runner.run_layer(0)
+    return torch.cat([x.flatten(0, -2) for x in captured])
 
 
 @pytest.mark.parametrize("branch", ["attention", "mlp"])
@@ -141,22 +143,12 @@ def test_regression_lowers_the_pruned_sublayer_error(branch, tiny_dir):
             from core.surgery import enable_bias
             enable_bias(m, spec, branch)
         runner = LayerwiseRunner(m, spec, ctx.calibration_ids(), 4)
-        target = decoder_layers(m, spec)[0].get_submodule(
-            f"{spec.attention.module}.{spec.attention.o}" if branch == "attention" else f"{spec.mlp.module}.{spec.mlp.down}")
-        captured = []
-        with forward_hooks({"t": target}, lambda name, mod, inp, out: captured.append(out.detach())):
-            runner.run_layer(0)
-        reference = torch.cat([x.flatten(0, -2) for x in captured])
+        reference = _sublayer_output(m, spec, runner, branch)
         if branch == "attention":
             method.prune_heads(ctx, opts, runner, 0, 1, fold_bias=regression)
         else:
             method.prune_mlp(ctx, opts, runner, 0, 48, fold_bias=regression)
-        target = decoder_layers(m, spec)[0].get_submodule(
-            f"{spec.attention.module}.{spec.attention.o}" if branch == "attention" else f"{spec.mlp.module}.{spec.mlp.down}")
-        captured = []
-        with forward_hooks({"t": target}, lambda name, mod, inp, out: captured.append(out.detach())):
-            runner.run_layer(0)
-        pruned = torch.cat([x.flatten(0, -2) for x in captured])
+        pruned = _sublayer_output(m, spec, runner, branch)
         errors[regression] = (pruned - reference).pow(2).mean().item()
     assert errors[True] < errors[False]
 

@@ -13,6 +13,13 @@ from core.surgery import LayerPlan, prune_layer, remove_layers
 ATOL = 1e-5
 
 
+def _assert_cache_consistent(model, tokens):
+    """Greedy generation with the KV cache gives the same tokens as without it."""
+    kwargs = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(tokens))
+    with torch.no_grad():
+        assert torch.equal(model.generate(tokens, **kwargs), model.generate(tokens, use_cache=False, **kwargs))
+
+
 def _o_and_down(model, spec, i):
     layer = decoder_layers(model, spec)[i]
     o = layer.get_submodule(f"{spec.attention.module}.{spec.attention.o}")
@@ -74,11 +81,7 @@ def test_block_removal_keeps_config_lists_and_cache_consistent(family, tokens):
         assert model.config.layer_types == [types_before[i] for i in (0, 2, 3)]
     for new_idx, layer in enumerate(decoder_layers(model, spec)):
         assert getattr(layer.get_submodule(spec.attention.module), "layer_idx", new_idx) == new_idx
-    with torch.no_grad():
-        cached = model.generate(tokens, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(tokens))
-        uncached = model.generate(tokens, max_new_tokens=4, do_sample=False, use_cache=False,
-                                  attention_mask=torch.ones_like(tokens))
-    assert torch.equal(cached, uncached)
+    _assert_cache_consistent(model, tokens)
 
 
 def test_skipped_attention_in_layer_zero_keeps_generation_consistent(family, tokens):
@@ -87,11 +90,7 @@ def test_skipped_attention_in_layer_zero_keeps_generation_consistent(family, tok
     prune_layer(model, spec, 0, LayerPlan(skip={"attention"}))
     prune_layer(model, spec, 2, LayerPlan(skip={"mlp"}))
     assert model.config.per_layer_config[0].skip == ["attention"]
-    with torch.no_grad():
-        cached = model.generate(tokens, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(tokens))
-        uncached = model.generate(tokens, max_new_tokens=4, do_sample=False, use_cache=False,
-                                  attention_mask=torch.ones_like(tokens))
-    assert torch.equal(cached, uncached)
+    _assert_cache_consistent(model, tokens)
 
 
 def test_skipping_a_zero_output_mlp_is_identity(family, tokens):
