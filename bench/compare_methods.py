@@ -1,0 +1,243 @@
+"""Method comparison on the reference model: every method x parameter ratio, plus the peer library optipfair.
+
+For each case and ratio of *all* parameters removed (10/20/30/50% by default) it loads the reference model, prunes
+it (calibration: the shipped calibration split), and records held-out perplexity on `reference/corpus/eval.txt`
+(a different split: methods are never tuned on the evaluation text), parameters, prune time and peak memory.
+optipfair (installed from PyPI) prunes the same model in the same run with its own MAW (= max + |min|), VOW and
+PON; its MLP percentage is set so that it removes the same number of parameters.
+
+    python bench/compare_methods.py                 # default run, < 20 min on a 2-core CPU
+    python bench/compare_methods.py --cases maw,slimllm --ratios 0.2
+
+Writes bench/results/methods_<model>_<device>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import core  # noqa: E402
+from core.evaluate import perplexity_of_file  # noqa: E402
+
+logger = logging.getLogger("bench.compare")
+EVAL_TEXT = ROOT / "reference" / "corpus" / "eval.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    family: str  # 'core' or 'optipfair'
+    method: str = ""
+    score: str | None = None
+    options: tuple = ()
+
+    def recipe(self, ratio: float, calib: core.CalibrationConfig) -> core.Recipe:
+        return core.Recipe(method=self.method, score=self.score, target=core.Target(param_ratio=ratio),
+                           options=dict(self.options), calibration=calib, batch_size=8)
+
+
+SLIM = (("head_mode", "query"),)  # the reference model has 2 KV heads: whole-group steps would be 50% each
+CASES = [
+    *[Case(s, "core", "mlp_width", s) for s in ("random", "l2", "maw", "maw_range", "vow", "pon", "activation")],
+    Case("slimllm", "core", "slimllm", options=SLIM),
+    Case("slimllm-no_greedy", "core", "slimllm", options=SLIM + (("greedy", False),)),
+    Case("slimllm-no_feature_space", "core", "slimllm", options=SLIM + (("feature_space", False),)),
+    Case("slimllm-uniform", "core", "slimllm", options=SLIM + (("nonuniform", False),)),
+    Case("slimllm-no_regression", "core", "slimllm", options=SLIM + (("regression", False),)),
+    Case("depth-cosine", "core", "depth", "cosine"),
+    Case("depth-shapley", "core", "depth", "shapley_loo"),
+    Case("attention-sublayers", "core", "depth", "cosine", (("unit", "attention"),)),
+    *[Case(f"optipfair-{m.lower()}", "optipfair", score=m) for m in ("MAW", "VOW", "PON")],
+]
+
+
+class PeakRss:
+    """Samples the process RSS in a thread; peak above the level at start."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.proc = interval, psutil.Process()
+        self.peak = self.start = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakRss":
+        self.start = self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def overhead(self) -> int:
+        return self.peak - self.start
+
+
+def _mlp_params(model) -> int:
+    return sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())
+
+
+def prune_with_optipfair(model, method: str, ratio: float):
+    import optipfair
+
+    total = sum(p.numel() for p in model.parameters())
+    percentage = 100.0 * ratio * total / _mlp_params(model)
+    if percentage >= 100:
+        raise ValueError(f"removing {ratio:.0%} of the parameters needs {percentage:.0f}% of the MLP")
+    return optipfair.prune_model(model, pruning_type="MLP_GLU", neuron_selection_method=method,
+                                 pruning_percentage=percentage, show_progress=False)
+
+
+def run_cell(case: Case, ratio: float, model_path: str, calib: core.CalibrationConfig, eval_tokens: int) -> dict:
+    model, tokenizer = core.load_model(model_path, core.LoadOptions(device="cpu", dtype="float32"))
+    before = sum(p.numel() for p in model.parameters())
+    record = {"case": case.name, "family": case.family, "ratio": ratio, "params_before": before}
+    try:
+        with PeakRss() as mem:
+            start = time.perf_counter()
+            if case.family == "optipfair":
+                model = prune_with_optipfair(model, case.score, ratio)
+            elif ratio > 0:
+                core.prune(model, tokenizer, case.recipe(ratio, calib))
+            record["prune_seconds"] = time.perf_counter() - start
+    except (core.PruningError, ValueError) as err:
+        record["error"] = str(err).splitlines()[0]
+        logger.info("%s @ %.0f%%: %s", case.name, 100 * ratio, record["error"])
+        return record
+    record["peak_memory_overhead_mib"] = mem.overhead / 2**20
+    after = sum(p.numel() for p in model.parameters())
+    ppl = perplexity_of_file(model, tokenizer, EVAL_TEXT, max_length=256, max_tokens=eval_tokens)
+    record.update(params_after=after, removed_fraction=1 - after / before, perplexity=ppl.perplexity,
+                  eval_tokens=ppl.tokens)
+    logger.info("%-26s %3.0f%%  params %s  ppl %8.2f  (%.1fs)", case.name, 100 * ratio, f"{after:,}",
+                ppl.perplexity, record["prune_seconds"])
+    return record
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": psutil.cpu_count(), "threads": torch.get_num_threads(),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now(datetime.UTC).isoformat()}
+
+
+def markdown(results: dict) -> str:
+    ratios = results["ratios"]
+    dense = results["dense"]
+    lines = [f"# Method comparison on `{results['model']}` ({results['device']})", "",
+             f"- Command: `{results['command']}`",
+             f"- Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch threads "
+             f"{results['machine']['threads']}, torch {results['machine']['torch']}, {results['machine']['date'][:10]}",
+             f"- Calibration: {results['calibration']}; evaluation: held-out `reference/corpus/eval.txt`, first "
+             f"{dense['eval_tokens']:,} tokens, windows of 256; no fine-tuning after pruning",
+             f"- Dense model: {dense['params_before']:,} parameters, perplexity **{dense['perplexity']:.2f}**",
+             "- Cells: held-out perplexity (actual fraction of parameters removed); `-` = target not reachable by "
+             "that method", "",
+             "| method | " + " | ".join(f"{r:.0%} of params" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    by_case: dict[str, dict] = {}
+    for rec in results["records"]:
+        by_case.setdefault(rec["case"], {})[rec["ratio"]] = rec
+    for case, cells in by_case.items():
+        row = []
+        for r in ratios:
+            rec = cells.get(r)
+            row.append("-" if rec is None or "error" in rec else f"{rec['perplexity']:.2f} ({rec['removed_fraction']:.1%})")
+        lines.append(f"| {case} | " + " | ".join(row) + " |")
+    lines += ["", "Prune time (s) / peak memory overhead (MiB) at the largest ratio:", "",
+              "| method | seconds | MiB |", "|---|---|---|"]
+    for case, cells in by_case.items():
+        ok = [c for c in cells.values() if "error" not in c]
+        if ok:
+            last = max(ok, key=lambda c: c["ratio"])
+            lines.append(f"| {case} | {last['prune_seconds']:.2f} | {last['peak_memory_overhead_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    by_case: dict[str, list] = {}
+    for rec in results["records"]:
+        if "error" not in rec:
+            by_case.setdefault(rec["case"], []).append(rec)
+    dense = results["dense"]
+    for case, recs in by_case.items():
+        recs.sort(key=lambda r: r["params_after"])
+        style = "--" if case.startswith("optipfair") else "-"
+        ax.plot([r["params_after"] / 1e6 for r in recs] + [dense["params_before"] / 1e6],
+                [r["perplexity"] for r in recs] + [dense["perplexity"]], style, marker="o", ms=3, label=case)
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title(f"Structured pruning of {Path(results['model']).name} without fine-tuning")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "reference" / "model"))
+    parser.add_argument("--cases", help="comma-separated case names (default: all)")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5", help="fractions of all parameters removed")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seq-len", type=int, default=128)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--tag", default="reference", help="name used in the output files")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("core").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    wanted = set(args.cases.split(",")) if args.cases else None
+    cases = [c for c in CASES if wanted is None or c.name in wanted]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    calib = core.CalibrationConfig(n_samples=args.calib_samples, seq_len=args.calib_seq_len)
+    start = time.perf_counter()
+    dense = run_cell(Case("dense", "core", "mlp_width", "maw"), 0.0, args.model, calib, args.eval_tokens)
+    records = [run_cell(c, r, args.model, calib, args.eval_tokens) for c in cases for r in ratios]
+    results = {"model": args.model, "device": "cpu", "command": "python " + " ".join(sys.argv),
+               "machine": machine(), "calibration": calib.describe(), "ratios": ratios, "dense": dense,
+               "records": records, "total_seconds": time.perf_counter() - start}
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"methods_{args.tag}_cpu"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(markdown(results) + f"\nTotal run time: {results['total_seconds']:.0f} s.\n")
+    plot(results, stem.with_suffix(".png"))
+    logger.info("wrote %s.{json,md,png} in %.0f s", stem, results["total_seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
