@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from .architectures import ArchSpec, spec_for_config
-from .errors import RecipeError, UnknownNameError
+from .errors import ModelLoadError, RecipeError, UnknownNameError
 from .layer_config import layer_shapes
 from .methods import METHODS, PruneContext
 from .model_io import LoadOptions, load_model, resolve_model_name
@@ -108,6 +108,10 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
     recipe = normalize(recipe)
     spec = spec_for_config(model.config)
     method = METHODS.get(recipe.method)
+    if any(p.is_meta for p in model.parameters()):
+        raise ModelLoadError("Some weights were offloaded to disk by the device map (they sit on 'meta'); pruning "
+                             "needs every weight in CPU or GPU memory. Give the device map enough CPU memory "
+                             "(max_memory) instead of disk offload.")
     prog = Progress(progress, bars)
     ctx = PruneContext(model, tokenizer, spec, recipe, prog)
     before = count_parameters(model, spec)
