@@ -155,7 +155,7 @@ def prune_layer(model: nn.Module, spec: ArchSpec, layer_idx: int, plan: LayerPla
             state[f"{module}.bias"] = plan.skip_bias[branch].detach().clone()
             shape.skip_bias = sorted(set(shape.skip_bias) | {branch})
     if skipped >= {SKIP_ATTENTION, SKIP_MLP}:
-        logger.info("layer %d has both sub-layers removed; consider removing the whole block", layer_idx)
+        logger.debug("layer %d has both sub-layers removed (an empty block)", layer_idx)
 
     layer_class = decoder_layer_class(type(model))
     new = build_layer(layer_class, spec, layer_config(config, shape), layer_idx, state)

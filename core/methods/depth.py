@@ -242,9 +242,9 @@ class Depth(Method):
         bias = {bias_branch: constant} if constant is not None else {}
         prune_layer(ctx.model, ctx.spec, layer_idx, LayerPlan(skip=skip, skip_bias=bias))
 
-    def finalize_blocks(self, ctx: PruneContext, blocks: list[int], means: dict[int, torch.Tensor]) -> dict:
-        """Delete removed blocks; fold each block's mean update into the preceding kept block's MLP output bias
-        when the family allows it, else keep the block as an empty layer carrying the constant."""
+    def finalize_blocks(self, ctx: PruneContext, opts, blocks: list[int], means: dict[int, torch.Tensor]) -> dict:
+        """Delete removed blocks; fold each block's mean update (if any) into the preceding kept block's MLP output
+        bias when the family allows it, else keep the block as an empty layer carrying the constant."""
         model, spec = ctx.model, ctx.spec
         foldable = "mlp" in spec.bias_flags and "mlp_out" not in spec.norms
         kept_as_constant, folded = [], []
@@ -260,6 +260,8 @@ class Depth(Method):
                     down.bias.add_(means[i].to(down.bias.device, down.bias.dtype))
                 folded.append(i)
             else:
+                if not layer_shapes(model.config)[i].skip:  # not yet replaced by its constant
+                    self.replace(ctx, opts, i, means[i])
                 kept_as_constant.append(i)
         remove_layers(model, spec, [i for i in blocks if i not in kept_as_constant])
         return {"folded_into_previous_mlp_bias": folded, "kept_as_constant_layer": kept_as_constant}
@@ -286,10 +288,10 @@ class Depth(Method):
             chosen, history = self.select(ctx, opts, candidates)
         if recover and opts.recovery_source == "pruned":
             means = self.mean_updates(ctx, opts, chosen, progressive=True)
-        else:
+        elif opts.unit != "block":
             for i in chosen:
                 self.replace(ctx, opts, i, means.get(i) if recover else None)
-        storage = self.finalize_blocks(ctx, chosen, means if recover else {}) if opts.unit == "block" else {}
+        storage = self.finalize_blocks(ctx, opts, chosen, means if recover else {}) if opts.unit == "block" else {}
         report = {"unit": opts.unit, "removed": chosen, "scores": history[0] if len(history) == 1 else history}
         if recover:
             report["recovery"] = {"source": opts.recovery_source, "skip_first": opts.recovery_skip_first,
