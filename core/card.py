@@ -79,3 +79,11 @@ Reproduce with `python -m core prune --recipe pruning_recipe.yaml` (the file is 
 Produced by the structured-pruning tool `core` version {summary['tool_version']}.
 """
     return ModelCard(content)
+
+
+def add_comparison(card: ModelCard, comparison, model_name: str, heading: str = "Measured results") -> ModelCard:
+    """Add measured results to a card: `model-index` entries in the metadata and a before/after table."""
+    card.data.model_name = model_name
+    card.data.eval_results = comparison.eval_results() or None
+    card.text = card.text.rstrip() + "\n\n" + comparison.markdown(heading)
+    return card

@@ -73,3 +73,32 @@ def test_speed_measurement_reports_prefill_decode_and_memory():
     ratios = speed_ratios(speed, halved)
     assert ratios["prefill_speedup"] == pytest.approx(2.0)
     assert ratios["decode_speedup_batch2"] == pytest.approx(2.0)
+
+
+def test_comparison_of_base_and_pruned_goes_into_the_card(tiny_dir, tmp_path):
+    import yaml
+    from huggingface_hub import ModelCard
+
+    import core
+    from core.card import add_comparison
+    from core.compare import EvalSettings, compare
+
+    src = tiny_dir("llama")
+    base, tokenizer = core.load_model(str(src), core.LoadOptions(device="cpu"))
+    result = core.run_recipe(core.Recipe(model=str(src), method="maw", target=core.Target(ratio=0.5)))
+    text = tmp_path / "eval.txt"
+    text.write_text("Return the list of names in the module namespace. " * 60)
+    settings = EvalSettings(text=text, text_label="test text", max_tokens=256, prompt_tokens=16, new_tokens=4,
+                            repeats=1)
+    comparison = compare(base, result.model, tokenizer, settings)
+    assert comparison.ratios["params"] == pytest.approx(result.params_after["total"] / result.params_before["total"])
+    assert comparison.base.eval_tokens == comparison.pruned.eval_tokens > 0
+    assert {"prefill_speedup", "decode_speedup_batch1", "perplexity"} <= set(comparison.ratios)
+    out = core.save_pruned(result, tmp_path / "out")
+    card = add_comparison(ModelCard.load(out / "README.md"), comparison, "org/tiny-maw-50pct")
+    meta = yaml.safe_load(card.content.split("---")[1])
+    entry = meta["model-index"][0]
+    assert entry["name"] == "org/tiny-maw-50pct"
+    metric = entry["results"][0]["metrics"][0]
+    assert metric["type"] == "perplexity" and metric["value"] == pytest.approx(comparison.pruned.perplexity, rel=1e-4)
+    assert "| perplexity |" in card.text and "| parameters |" in card.text

@@ -1,0 +1,164 @@
+"""Measuring a base model and its pruned variant the same way, and describing the difference.
+
+One definition for every front end: the CLI, the Space and the bot all report `Comparison`s — perplexity on a
+held-out text, speed ratios measured in the same process, optional lm-eval scores — and put them in model cards
+as `model-index` results plus a before/after table.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from huggingface_hub import EvalResult
+
+from .architectures import spec_for_config
+from .evaluate import perplexity_of_file
+from .params import count_parameters
+from .speed import measure_speed, speed_ratios, weight_bytes
+
+logger = logging.getLogger(__name__)
+
+EVAL_TEXT = Path(__file__).resolve().parent.parent / "reference" / "corpus" / "eval.txt"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How models are measured. Speed figures are only meaningful as ratios between models measured alike."""
+
+    text: Path = EVAL_TEXT
+    text_label: str = "held-out reference text (Python stdlib docs)"
+    max_tokens: int | None = 4096
+    max_length: int = 256
+    speed: bool = True
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    batch_sizes: tuple[int, ...] = (1,)
+    repeats: int = 3
+    tasks: tuple[str, ...] = ()
+    task_dirs: tuple[str, ...] = ()
+    task_limit: int | None = None
+
+
+@dataclass
+class Measurement:
+    """One model's numbers (None where not measured)."""
+
+    params: int
+    weight_bytes: int
+    perplexity: float | None = None
+    eval_tokens: int | None = None
+    speed: dict | None = None
+    lm_eval: dict | None = None  # {task: {metric: value}}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _speed(model, s: EvalSettings) -> dict:
+    limit = getattr(model.config, "max_position_embeddings", None) or 4096
+    prompt = min(s.prompt_tokens, max(limit // 2, 8))
+    new = min(s.new_tokens, max(limit - prompt - 1, 1))
+    return measure_speed(model, prompt_len=prompt, new_tokens=new, batch_sizes=s.batch_sizes, repeats=s.repeats)
+
+
+def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
+            step: Callable[[str], None] = lambda what: None) -> Measurement:
+    """Measure one model; `step(what)` is called before each part (progress bars, logs)."""
+    m = Measurement(params=count_parameters(model, spec_for_config(model.config))["total"],
+                    weight_bytes=weight_bytes(model))
+    if tokenizer is not None:
+        step("perplexity")
+        ppl = perplexity_of_file(model, tokenizer, settings.text, max_length=settings.max_length,
+                                 max_tokens=settings.max_tokens)
+        m.perplexity, m.eval_tokens = ppl.perplexity, ppl.tokens
+    else:
+        logger.warning("no tokenizer: perplexity and lm-eval are skipped")
+    if settings.speed:
+        step("speed")
+        m.speed = _speed(model, settings)
+    if settings.tasks and tokenizer is not None:
+        from .harness import run_tasks
+
+        step("lm-eval")
+        m.lm_eval = run_tasks(model, tokenizer, list(settings.tasks), list(settings.task_dirs),
+                              settings.task_limit)["tasks"]
+    return m
+
+
+@dataclass
+class Comparison:
+    """Base vs pruned, measured with the same settings."""
+
+    base: Measurement
+    pruned: Measurement
+    settings: EvalSettings = field(default_factory=EvalSettings)
+
+    @property
+    def ratios(self) -> dict:
+        b, p = self.base, self.pruned
+        out = {"params": p.params / b.params, "weight_bytes": p.weight_bytes / b.weight_bytes}
+        if b.perplexity and p.perplexity:
+            out["perplexity"] = p.perplexity / b.perplexity
+        if b.speed and p.speed:
+            out.update(speed_ratios(b.speed, p.speed))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"base": self.base.to_dict(), "pruned": self.pruned.to_dict(), "ratios": self.ratios,
+                "text": self.settings.text_label, "eval_tokens": self.pruned.eval_tokens}
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(measure, base, pruned, change) rows for pages and cards."""
+        b, p, r = self.base, self.pruned, self.ratios
+        rows = [("parameters", f"{b.params:,}", f"{p.params:,}", f"{r['params'] - 1:+.1%}"),
+                ("weights (MB)", f"{b.weight_bytes / 1e6:,.1f}", f"{p.weight_bytes / 1e6:,.1f}",
+                 f"{r['weight_bytes'] - 1:+.1%}")]
+        if "perplexity" in r:
+            rows.append(("perplexity", f"{b.perplexity:.2f}", f"{p.perplexity:.2f}", f"x{r['perplexity']:.2f}"))
+        if b.speed and p.speed:
+            rows.append(("prefill latency (ms)", f"{1e3 * b.speed['prefill_seconds']:.1f}",
+                         f"{1e3 * p.speed['prefill_seconds']:.1f}", f"speed x{r['prefill_speedup']:.2f}"))
+            for batch, entry in b.speed["decode"].items():
+                after = p.speed["decode"].get(batch)
+                if after:
+                    rows.append((f"decode tokens/s (batch {batch})", f"{entry['tokens_per_second']:,.0f}",
+                                 f"{after['tokens_per_second']:,.0f}", f"speed x{r[f'decode_speedup_batch{batch}']:.2f}"))
+        for task, metrics in (b.lm_eval or {}).items():
+            for metric, value in metrics.items():
+                after = (p.lm_eval or {}).get(task, {}).get(metric)
+                if "stderr" not in metric and after is not None:
+                    rows.append((f"{task} {metric}", f"{value:.4f}", f"{after:.4f}", f"{after - value:+.4f}"))
+        return rows
+
+    def eval_results(self) -> list[EvalResult]:
+        """The pruned model's results as `model-index` entries of a model card."""
+        p = self.pruned
+        out = []
+        if p.perplexity is not None:
+            out.append(EvalResult(task_type="text-generation", task_name="Perplexity", dataset_type="text",
+                                  dataset_name=f"{self.settings.text_label}, first {p.eval_tokens} tokens",
+                                  metric_type="perplexity", metric_name="Perplexity",
+                                  metric_value=round(p.perplexity, 4), verified=False))
+        for task, metrics in (p.lm_eval or {}).items():
+            for metric, value in metrics.items():
+                if "stderr" not in metric:
+                    out.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
+                                          metric_type=metric, metric_value=round(float(value), 4), verified=False))
+        return out
+
+    def markdown(self, heading: str = "Measured results") -> str:
+        speed = self.base.speed or {}
+        table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in self.rows())
+        where = (f"speed on {speed.get('device', '?')} ({speed.get('dtype', '?')}), prompt of "
+                 f"{speed.get('prompt_tokens', '?')} tokens, {speed.get('new_tokens', '?')} new tokens: compare the "
+                 "ratios, not the absolute times" if speed else "speed not measured")
+        return (f"## {heading}\n\nBase and pruned model measured the same way in one process. Perplexity on the "
+                f"first {self.pruned.eval_tokens} tokens of the {self.settings.text_label}; {where}.\n\n"
+                f"| measure | base | pruned | change |\n|---|---|---|---|\n{table}\n")
+
+
+def compare(base_model, pruned_model, tokenizer, settings: EvalSettings = EvalSettings()) -> Comparison:
+    """Measure both models with the same settings."""
+    return Comparison(measure(base_model, tokenizer, settings), measure(pruned_model, tokenizer, settings), settings)
