@@ -61,7 +61,7 @@ SHAPES = {
                   rope_theta=500000.0, rms_norm_eps=1e-5),
 }
 
-# name -> (method, score, options)
+# name -> (method, score, options[, ratio overriding --ratio])
 CASES = {
     "maw": ("mlp_width", "maw", {}),
     "maw_range": ("mlp_width", "maw_range", {}),
@@ -73,6 +73,9 @@ CASES = {
     "magnitude_heads": ("attention_heads", "magnitude", {"mode": "kv_group"}),
     "activation_heads": ("attention_heads", "activation", {"mode": "kv_group"}),
     "cosine_depth": ("depth", "cosine", {"unit": "block"}),
+    # SlimLLM at fixed ratios of the prunable parameters (heads + MLP), next to the magnitude scores
+    "slimllm_20": ("slimllm", None, {}, 0.2),
+    "slimllm_50": ("slimllm", None, {}, 0.5),
 }
 
 MIB = 1024 ** 2
@@ -206,7 +209,8 @@ def ensure_model(shape: str, seed: int = 0) -> Path:
 def build_recipe(case: str, ratio: float, samples: int, seq_len: int, batch_size: int):
     import core
 
-    method, score, options = CASES[case]
+    method, score, options, *fixed = CASES[case]
+    ratio = fixed[0] if fixed else ratio
     return core.Recipe(method=method, score=score, options=dict(options), target=core.Target(ratio=ratio),
                        calibration=core.CalibrationConfig(source="builtin", n_samples=samples, seq_len=seq_len),
                        batch_size=batch_size)
@@ -382,7 +386,7 @@ def markdown(report: dict) -> str:
     for r in recs:
         rss = [x["rss"] for x in r["rss_per_layer"] if x.get("rss")]
         growth = mib(rss[-1] - rss[0]) if len(rss) > 1 else "n/a"
-        row = [r["case"], r["method"], r["score"], "yes" if r["needs_data"] else "no", f"{r['prune_seconds']:.1f}",
+        row = [r["case"], r["method"], r["score"] or "-", "yes" if r["needs_data"] else "no", f"{r['prune_seconds']:.1f}",
                f"{r['prune_cpu_seconds']:.1f}",
                mib(r["rss_loaded_bytes"]), mib(r["peak_rss_prune_bytes"]), mib(r["prune_overhead_bytes"]),
                mib(r["process_peak_rss_bytes"]), growth, f"{r['params_before']:,}", f"{r['params_after']:,}"]
