@@ -99,7 +99,7 @@ def model_config(config_json: bytes | None) -> dict | None:
         return None
     if not isinstance(cfg, dict):
         return None
-    return {k: cfg[k] for k in ("architectures", "model_type") if k in cfg}
+    return {k: cfg[k] for k in ("architectures", "model_type", "auto_map") if k in cfg}
 
 
 def derived_info(paths: list[str], card: dict | None, config: dict | None) -> dict:
