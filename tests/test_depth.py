@@ -174,10 +174,15 @@ def test_depth_options_round_trip(tiny_dir, tmp_path, options, uniform, tokens):
     assert core.Recipe.from_file(out / "pruning_recipe.yaml").options == options
 
 
-def test_parameter_target_removes_enough_blocks(tiny_dir):
+@pytest.mark.parametrize("param_ratio", [0.05, 0.1, 0.16])
+def test_parameter_target_removes_the_closest_number_of_blocks(tiny_dir, param_ratio):
     src = tiny_dir("llama")
-    before = _run(src, options={"layers": []}).params_before["total"]
-    result = _run(src, target=core.Target(param_ratio=0.1))
-    assert result.params_after["total"] <= before * 0.9
-    block = (before - result.params_after["total"]) / len(result.report["removed"])
-    assert result.params_after["total"] > before * 0.9 - block
+    result = _run(src, target=core.Target(param_ratio=param_ratio))
+    before = result.params_before["total"]
+    block = result.params_before["layers"][0]["attention"] + result.params_before["layers"][0]["mlp"] + \
+        result.params_before["layers"][0]["other"]
+    wanted = param_ratio * before
+    k = len(result.report["removed"])
+    assert before - result.params_after["total"] == k * block
+    best = min(range(1, 4), key=lambda n: abs(n * block - wanted))
+    assert k == best

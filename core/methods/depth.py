@@ -198,8 +198,12 @@ class Depth(Method):
             for unit in ranked[:1] if opts.iterative else ranked:
                 if done():
                     break
+                params = _unit_params(ctx.model, ctx.spec, unit, opts.unit)
+                if count is None and chosen and removed + params - to_remove > to_remove - removed:
+                    to_remove = removed  # stopping here lands closer to the parameter target
+                    break
                 chosen.append(unit)
-                removed += _unit_params(ctx.model, ctx.spec, unit, opts.unit)
+                removed += params
         if opts.unit == "block" and len(chosen) >= ctx.model.config.num_hidden_layers:
             raise InvalidTargetError("The target removes every block; lower it.")
         return sorted(chosen), history
