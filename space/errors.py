@@ -1,0 +1,73 @@
+"""Every failure becomes one readable sentence for the page: no stack traces, no tokens."""
+from __future__ import annotations
+
+import logging
+
+from core.errors import (CalibrationError, InvalidTargetError, ModelLoadError, PruningError, RecipeError,
+                         UnknownNameError, UnsupportedArchitectureError)
+
+logger = logging.getLogger(__name__)
+
+
+class SpaceError(Exception):
+    """A problem with what the user asked for; the message is shown as is."""
+
+
+_CORE_PREFIX = (
+    (UnsupportedArchitectureError, "Unsupported model"),
+    (InvalidTargetError, "Target cannot be met"),
+    (CalibrationError, "Calibration data problem"),
+    (ModelLoadError, "Could not load the model"),
+    (RecipeError, "Invalid setting"),
+    (UnknownNameError, "Invalid setting"),
+)
+
+OOM_HINT = ("Out of memory: the model and its activations do not fit on this machine. Try a smaller model, fewer "
+            "or shorter calibration samples, or a weights-only score (no calibration).")
+
+
+def _hub_message(err) -> str:
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    server = getattr(err, "server_message", None) or ""
+    server = server.strip().splitlines()[0] if server.strip() else ""
+    if isinstance(err, GatedRepoError):
+        return ("This model is gated: request access on its Hub page, wait until it is granted, then sign in with "
+                "that account so the Space can use your token.")
+    if isinstance(err, RepositoryNotFoundError):
+        return ("Repository not found: check the id. If it is private, sign in with an account that can read it.")
+    if isinstance(err, RevisionNotFoundError):
+        return "That revision does not exist in the repository."
+    status = err.response.status_code if isinstance(err, HfHubHTTPError) and err.response is not None else None
+    if status == 401:
+        return "The Hub did not accept your token (expired or revoked?). Sign in again."
+    if status == 403:
+        return f"The Hub refused the request: {server or 'your token lacks the permission for it'}."
+    if status == 409:
+        return f"Conflict on the Hub: {server or 'the repository already exists'}."
+    if status == 429:
+        return "The Hub is rate-limiting requests; wait a minute and try again."
+    return f"Hub error{f' {status}' if status else ''}: {server or str(err).splitlines()[0]}"
+
+
+def friendly(err: BaseException) -> str:
+    """The message shown in the page for `err`; unexpected errors are logged with their traceback."""
+    import torch
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, SpaceError):
+        return str(err)
+    for cls, prefix in _CORE_PREFIX:
+        if isinstance(err, cls):
+            return f"{prefix}: {err}"
+    if isinstance(err, PruningError):
+        return str(err)
+    if isinstance(err, HfHubHTTPError):
+        return _hub_message(err)
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err):
+        return OOM_HINT
+    if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__name__ in ("ConnectError", "ConnectTimeout"):
+        return "Could not reach the Hub (network problem). Try again in a moment."
+    logger.error("unexpected error", exc_info=err)
+    return (f"Unexpected error ({type(err).__name__}): {str(err).splitlines()[0] if str(err) else 'no message'}. "
+            "The details are in the Space's log.")
