@@ -6,6 +6,7 @@ as `model-index` results plus a before/after table.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,11 +57,31 @@ class Measurement:
         return asdict(self)
 
 
-def _speed(model, s: EvalSettings) -> dict:
+def speed_of(model, s: EvalSettings) -> dict:
+    """`measure_speed` with the settings' sizes, clamped to the model's context length."""
     limit = getattr(model.config, "max_position_embeddings", None) or 4096
     prompt = min(s.prompt_tokens, max(limit // 2, 8))
     new = min(s.new_tokens, max(limit - prompt - 1, 1))
     return measure_speed(model, prompt_len=prompt, new_tokens=new, batch_sizes=s.batch_sizes, repeats=s.repeats)
+
+
+def _faster(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    out = dict(a, prefill_seconds=min(a["prefill_seconds"], b["prefill_seconds"]))
+    out["decode"] = {k: max(a["decode"][k], b["decode"][k], key=lambda e: e["tokens_per_second"])
+                     for k in a["decode"]}
+    return out
+
+
+def speed_pair(base_model, pruned_model, s: EvalSettings, rounds: int = 2) -> tuple[dict, dict]:
+    """Speed of both models measured in alternation, keeping each one's best round: a busy machine slows whichever
+    model runs at the wrong moment, and the ratio of the two is what gets reported."""
+    best: list[dict | None] = [None, None]
+    for _ in range(rounds):
+        for i, model in enumerate((base_model, pruned_model)):
+            best[i] = _faster(best[i], speed_of(model, s))
+    return best[0], best[1]
 
 
 def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
@@ -77,7 +98,7 @@ def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
         logger.warning("no tokenizer: perplexity and lm-eval are skipped")
     if settings.speed:
         step("speed")
-        m.speed = _speed(model, settings)
+        m.speed = speed_of(model, settings)
     if settings.tasks and tokenizer is not None:
         from .harness import run_tasks
 
@@ -159,6 +180,10 @@ class Comparison:
                 f"| measure | base | pruned | change |\n|---|---|---|---|\n{table}\n")
 
 
-def compare(base_model, pruned_model, tokenizer, settings: EvalSettings = EvalSettings()) -> Comparison:
-    """Measure both models with the same settings."""
-    return Comparison(measure(base_model, tokenizer, settings), measure(pruned_model, tokenizer, settings), settings)
+def compare(base_model, pruned_model, tokenizer, settings: EvalSettings = EvalSettings(), rounds: int = 2) -> Comparison:
+    """Measure both models with the same settings (speed in alternating rounds, see `speed_pair`)."""
+    quiet = dataclasses.replace(settings, speed=False)
+    comparison = Comparison(measure(base_model, tokenizer, quiet), measure(pruned_model, tokenizer, quiet), settings)
+    if settings.speed:
+        comparison.base.speed, comparison.pruned.speed = speed_pair(base_model, pruned_model, settings, rounds)
+    return comparison

@@ -67,9 +67,28 @@ def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool
     return out
 
 
+def _save_weights(model, folder: Path, max_shard_size: str) -> None:
+    """save_pretrained (always safetensors in transformers 5) in the source checkpoint's dtype when it is known:
+    a bf16 model pruned in float32 on a CPU is written back in bf16. The in-memory model keeps its own tensors."""
+    target = getattr(model, "source_dtype", None)
+    params = [p for p in model.parameters() if p.is_floating_point()]  # tied weights appear once
+    if target is None or not params or all(p.dtype == target for p in params):
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        return
+    originals = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.to(target)
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+    finally:
+        for p, data in zip(params, originals):
+            p.data = data
+        model.config.dtype = originals[0].dtype
+
+
 def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict) -> None:
     model = result.model
-    model.save_pretrained(folder, max_shard_size=max_shard_size)  # always safetensors in transformers 5
+    _save_weights(model, folder, max_shard_size)
     if result.tokenizer is not None:
         result.tokenizer.save_pretrained(folder)
     doc = recipe_document(result)

@@ -135,6 +135,9 @@ def load_model(name: str | None = None, opts: LoadOptions = LoadOptions()):
         raise ModelLoadError(f"Could not load the weights of {name!r}: {str(err).splitlines()[0]}{hint}") from err
     if not opts.device_map:
         model.to(device)
+    # the checkpoint's own dtype: exports are written in it, whatever dtype the model was computed in
+    stored = getattr(config, "dtype", None)
+    model.source_dtype = stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), None)
     model.eval()
     model.config.use_cache = True
     return model, load_tokenizer(name, opts)
@@ -143,7 +146,6 @@ def load_model(name: str | None = None, opts: LoadOptions = LoadOptions()):
 def build_empty(config):
     """The model's module tree on the meta device (no weights, no memory): for counting and inspecting."""
     from transformers import AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     with torch.device("meta"), layer_construction(config, spec_for_config(config)):
         return AutoModelForCausalLM.from_config(config)

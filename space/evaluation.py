@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.compare import Comparison, EvalSettings, Measurement, measure
-from core.speed import measure_speed
+from core.compare import Comparison, EvalSettings, Measurement, measure, speed_pair
 
 from .errors import SpaceError
 from .settings import Settings
@@ -50,30 +49,8 @@ class Evidence:
 
 
 def compare_speed(base_model, pruned_model, settings: Settings) -> tuple[dict, dict]:
-    """Speed of both models measured in alternation, keeping each one's best round: a busy machine slows whichever
-    model happens to run at the wrong moment, and the ratio is what the page shows."""
-    best: list[dict | None] = [None, None]
-    for _ in range(settings.speed_rounds):
-        for i, model in enumerate((base_model, pruned_model)):
-            best[i] = _faster(best[i], _speed(model, settings))
-    return best[0], best[1]
-
-
-def _speed(model, settings: Settings) -> dict:
-    limit = getattr(model.config, "max_position_embeddings", None) or 4096
-    prompt = min(settings.speed_prompt_tokens, max(limit // 2, 8))
-    new = min(settings.speed_new_tokens, max(limit - prompt - 1, 1))
-    return measure_speed(model, prompt_len=prompt, new_tokens=new, batch_sizes=settings.speed_batch_sizes,
-                         repeats=settings.speed_repeats, warmup=1)
-
-
-def _faster(a: dict | None, b: dict) -> dict:
-    if a is None:
-        return b
-    out = dict(a, prefill_seconds=min(a["prefill_seconds"], b["prefill_seconds"]))
-    out["decode"] = {k: max(a["decode"][k], b["decode"][k], key=lambda e: e["tokens_per_second"])
-                     for k in a["decode"]}
-    return out
+    """Speed of both models, measured in alternation by the core (best of `speed_rounds` rounds each)."""
+    return speed_pair(base_model, pruned_model, eval_settings(settings), settings.speed_rounds)
 
 
 @torch.no_grad()

@@ -166,10 +166,6 @@ def _job(job_id: int, folder: Path, form: forms.Form, settings: Settings, report
                         (base_text or "", pruned_text or "") if prompt.strip() else None)
     rows = chart.layer_rows(before, result.layers(), result.report.get("removed"))
     steps("save", "saving the pruned model")
-    stored = models.checkpoint_dtype(base_folder)
-    if stored is not None and stored != next(model.parameters()).dtype:  # e.g. measured in float32 on a CPU
-        logger.info("saving in %s, the dtype of the base checkpoint", str(stored).replace("torch.", ""))
-        model.to(stored)
     res = JobResult(job_id, info, "", evidence, rows, folder / "model", base_folder, folder / "model.zip",
                     result.recipe.method, 0.0)
     repo_id = res.suggest_repo(user)

@@ -149,13 +149,3 @@ def fetch(info: ModelInfo, dest: Path, settings: Settings, token: str | bool | N
     snapshot_download(info.repo_id, revision=info.revision, token=token, local_dir=dest,
                       allow_patterns=DOWNLOAD_PATTERNS, endpoint=settings.endpoint)
     return dest
-
-
-def checkpoint_dtype(folder: Path):
-    """The dtype the checkpoint was stored in (None when config.json does not say)."""
-    import torch
-
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    name = config.get("dtype") or config.get("torch_dtype")
-    value = getattr(torch, name, None) if isinstance(name, str) else None
-    return value if isinstance(value, torch.dtype) else None

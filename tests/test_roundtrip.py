@@ -70,3 +70,17 @@ def test_per_layer_reloads_with_load_pruned(tiny_dir, tmp_path, family, case, to
     assert sum(p.numel() for p in reloaded.parameters()) == result.params_after["total"]
     # the reloaded copy describes itself the same way and survives a second round trip
     assert reloaded.config.to_dict()["per_layer_config"] == result.model.config.to_dict()["per_layer_config"]
+
+
+def test_export_writes_the_source_checkpoint_dtype(tmp_path):
+    """The bf16 reference model is pruned in float32 on a CPU but written back in bf16; the in-memory model keeps
+    its float32 weights."""
+    result = core.run_recipe(Recipe(method="maw", target=Target(ratio=0.3)))
+    assert next(result.model.parameters()).dtype == torch.float32
+    out = core.save_pruned(result, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+    assert next(result.model.parameters()).dtype == torch.float32
+    for (name, a), (_, b) in zip(result.model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), name

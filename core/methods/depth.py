@@ -18,7 +18,6 @@ from ..errors import InvalidTargetError, RecipeError
 from ..layer_config import layer_shapes
 from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers, units_disabled
 from ..params import count_parameters
-from ..pipeline import _first
 from ..scores import DEPTH_SCORES
 from ..stats import BranchOutputs, collect, linear
 from ..surgery import LayerPlan, enable_bias, prune_layer, remove_layers
@@ -272,7 +271,7 @@ class Depth(Method):
 
     def run(self, ctx: PruneContext) -> dict:
         opts = self.options(ctx.recipe)
-        model, spec = ctx.model, ctx.spec
+        model = ctx.model
         n = model.config.num_hidden_layers
         candidates = self.candidates(ctx, opts.unit)
         recover = opts.recovery == "mean_update"
