@@ -183,21 +183,25 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     by_case: dict[str, list] = {}
     for rec in results["records"]:
         if "error" not in rec:
             by_case.setdefault(rec["case"], []).append(rec)
     dense = results["dense"]
-    for case, recs in by_case.items():
+    colors = plt.get_cmap("tab20").colors
+    styles = {"optipfair": "--", "slimllm": "-.", "depth": ":", "attention": ":"}
+    for n, (case, recs) in enumerate(by_case.items()):
         recs.sort(key=lambda r: r["params_after"])
-        style = "--" if case.startswith("optipfair") else "-"
+        style = next((v for k, v in styles.items() if case.startswith(k)), "-")
         ax.plot([r["params_after"] / 1e6 for r in recs] + [dense["params_before"] / 1e6],
-                [r["perplexity"] for r in recs] + [dense["perplexity"]], style, marker="o", ms=3, label=case)
+                [r["perplexity"] for r in recs] + [dense["perplexity"]], style, color=colors[n % len(colors)],
+                marker="o", ms=3, lw=1.6, label=case)
     ax.set_yscale("log")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("held-out perplexity (log scale)")
-    ax.set_title(f"Structured pruning of {Path(results['model']).name} without fine-tuning")
+    ax.set_title(f"Structured pruning of the {results.get('tag', 'reference')} model without fine-tuning "
+                 f"(dense: {dense['perplexity']:.1f})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     dense = run_cell(Case("dense", "core", "mlp_width", "maw"), 0.0, args.model, calib, args.eval_tokens)
     records = [run_cell(c, r, args.model, calib, args.eval_tokens) for c in cases for r in ratios]
-    results = {"model": args.model, "device": "cpu", "command": "python " + " ".join(sys.argv),
+    results = {"model": str(Path(args.model).resolve().relative_to(ROOT)) if Path(args.model).resolve().is_relative_to(ROOT)
+               else args.model, "tag": args.tag, "device": "cpu", "command": "python " + " ".join(sys.argv),
                "machine": machine(), "calibration": calib.describe(), "ratios": ratios, "dense": dense,
                "records": records, "total_seconds": time.perf_counter() - start}
     out = Path(args.out_dir)
