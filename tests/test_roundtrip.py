@@ -84,3 +84,14 @@ def test_export_writes_the_source_checkpoint_dtype(tmp_path):
     assert next(result.model.parameters()).dtype == torch.float32
     for (name, a), (_, b) in zip(result.model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_sharded_per_layer_checkpoint_reloads(tiny_dir, tmp_path, tokens):
+    src = tiny_dir("qwen3")
+    result = core.run_recipe(Recipe(model=str(src), method="mlp_width", target=Target(ratio=0.25),
+                                    layers=LayerSelection(protect_last=1)))
+    out = core.save_pruned(result, tmp_path / "out", max_shard_size="300KB")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    reloaded = core.load_pruned(str(out), device="cpu")
+    torch.testing.assert_close(logits(reloaded, tokens), logits(result.model, tokens), atol=1e-5, rtol=0)
