@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +28,8 @@ class LoadOptions:
     """How to load a model. `dtype='auto'` means float32 on CPU and the checkpoint's dtype on accelerators."""
 
     revision: str | None = None
+    subfolder: str | None = None  # a model stored in a folder of the repo (e.g. a bot's PR: pruned/<recipe>)
+    token: str | None = field(default=None, repr=False)  # Hub token for private/gated repos (never logged)
     dtype: str = "auto"
     device: str | None = None  # 'cpu', 'cuda', 'cuda:1', ...; default: cuda when available
     device_map: str | None = None  # e.g. 'auto' for models larger than one device
@@ -64,6 +66,10 @@ def _torch_dtype(name: str, device: str, config) -> torch.dtype:
 
 def _hub_kwargs(opts: LoadOptions) -> dict:
     kwargs = {"revision": opts.revision, "trust_remote_code": opts.trust_remote_code}
+    if opts.subfolder:
+        kwargs["subfolder"] = opts.subfolder
+    if opts.token:
+        kwargs["token"] = opts.token
     if opts.local_files_only is not None:
         kwargs["local_files_only"] = opts.local_files_only
     return kwargs
@@ -99,8 +105,8 @@ def load_config(name: str, opts: LoadOptions = LoadOptions()):
                              f"and *.safetensors, or download it first (e.g. `hf download {name}`).") from err
 
 
-def _check_weights_format(name: str, allow_pickle: bool) -> None:
-    path = Path(name)
+def _check_weights_format(name: str, allow_pickle: bool, subfolder: str | None = None) -> None:
+    path = Path(name) / (subfolder or "")
     if not path.is_dir() or allow_pickle:
         return
     if not any(path.glob("*.safetensors")):
@@ -120,7 +126,7 @@ def load_model(name: str | None = None, opts: LoadOptions = LoadOptions()):
     name = resolve_model_name(name)
     config = load_config(name, opts)
     spec = spec_for_config(config)
-    _check_weights_format(name, opts.allow_pickle)
+    _check_weights_format(name, opts.allow_pickle, opts.subfolder)
     device = opts.device or default_device()
     kwargs = dict(_hub_kwargs(opts), config=config, dtype=_torch_dtype(opts.dtype, device, config),
                   use_safetensors=None if opts.allow_pickle else True)

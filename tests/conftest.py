@@ -2,6 +2,7 @@
 tokenizer so that data-driven scores and the CLI can run on them."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,20 @@ def _configs():
 
 
 FAMILIES = list(_configs())
+
+
+@contextlib.contextmanager
+def hub_client_online():
+    """Let the in-process huggingface_hub client talk HTTP to a local Hub (this conftest sets HF_HUB_OFFLINE=1)
+    and keep it off the Xet upload path, which the local Hub does not serve."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved
 
 
 def tiny_model(family: str, seed: int = 0):

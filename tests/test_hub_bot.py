@@ -25,11 +25,11 @@ pytest.importorskip("fastapi")
 import httpx2  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from huggingface_hub import HfApi, constants  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
 import core  # noqa: E402
-from conftest import save_tiny, tiny_model  # noqa: E402
+from conftest import hub_client_online, save_tiny, tiny_model  # noqa: E402
 from hub_bot.config import BotConfig  # noqa: E402
 from hub_bot.local_hub import start_local_hub  # noqa: E402
 from hub_bot.logs import JsonFormatter, RedactingFilter  # noqa: E402
@@ -53,11 +53,10 @@ IDS = [[5, 17, 33, 120, 7, 300, 41, 2, 9, 64]]
 @pytest.fixture(scope="module", autouse=True)
 def client_online():
     """Online client without Xet; one torch thread (tiny models on a shared, busy machine run faster)."""
-    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET, torch.get_num_threads()
-    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET, threads = saved
+    with hub_client_online():
+        yield
     torch.set_num_threads(threads)
 
 

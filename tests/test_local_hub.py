@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 
 import httpx2  # noqa: E402  (huggingface_hub's HTTP client)
 import torch  # noqa: E402
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, WebhookPayload, constants  # noqa: E402
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, WebhookPayload  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
     GatedRepoError,
     HfHubHTTPError,
@@ -33,6 +33,7 @@ from huggingface_hub.errors import (  # noqa: E402
     RevisionNotFoundError,
 )
 
+from conftest import hub_client_online  # noqa: E402
 from hub_bot.local_hub import start_local_hub  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,10 +46,8 @@ IDS = [[1, 5, 9, 17, 33, 65, 127, 2]]
 @pytest.fixture(scope="module", autouse=True)
 def client_online():
     """Let the in-process client talk HTTP (conftest sets HF_HUB_OFFLINE=1) and keep it off the Xet path."""
-    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET
-    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
-    yield
-    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved
+    with hub_client_online():
+        yield
 
 
 class Receiver:

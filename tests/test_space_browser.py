@@ -25,7 +25,7 @@ pytest.importorskip("fastapi")
 if importlib.util.find_spec("gradio") is None:  # (not imported here: the app imports it in its own process)
     pytest.skip("gradio is not installed", allow_module_level=True)
 
-from conftest import save_tiny, tiny_model  # noqa: E402
+from conftest import hub_client_online, save_tiny, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -65,16 +65,12 @@ def model_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    from huggingface_hub import constants
-
     from hub_bot.local_hub import start_local_hub
 
     server = start_local_hub(tmp_path_factory.mktemp("hub"), {"tokens": {
         WRITE: {"user": "alice", "role": "write"}, READ: {"user": "alice", "role": "read"}}})
-    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET
-    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
-    yield server
-    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved
+    with hub_client_online():
+        yield server
     server.stop()
 
 
