@@ -178,7 +178,7 @@ class Worker:
             return ("from transformers import AutoModelForCausalLM\n"
                     f"model = AutoModelForCausalLM.from_pretrained({job.target_repo!r}, subfolder={folder!r})"
                     "  # before the merge: revision='refs/pr/N'")
-        return ("# per-layer sizes: download the folder, then load it with the pruning tool\n"
-                "import core\nfrom huggingface_hub import snapshot_download\n"
-                f"local = snapshot_download({job.target_repo!r}, allow_patterns={folder + '/*'!r})\n"
-                f"model = core.load_pruned(local + {'/' + folder!r})")
+        return ("# per-layer sizes: load with the pruning tool\n"
+                "import core\n"
+                f"model = core.load_pruned({job.target_repo!r}, subfolder={folder!r})"
+                "  # before the merge: revision='refs/pr/N'")
