@@ -53,6 +53,13 @@ class UnitCosts:
     kv_head: int  # its k and v rows (+biases)
     block: int
 
+    def head_unit(self, mode: str, num_heads: int, num_kv_heads: int) -> int:
+        """Parameters of one head-pruning unit: a KV group ('kv_group': its KV head and query heads) or, in
+        'query' mode, one query head in every group (equal counts per group are removed together)."""
+        if mode == "kv_group":
+            return num_heads // max(num_kv_heads, 1) * self.query_head + self.kv_head
+        return self.query_head * num_kv_heads
+
 
 def _bias_numel(module: nn.Module) -> int:
     bias = getattr(module, "bias", None)

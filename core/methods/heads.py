@@ -74,9 +74,8 @@ class AttentionHeads(Method):
         if to_remove is not None:
             removable = 0
             for i in recipe.layers.prunable(n):
-                c, s = unit_costs(model, ctx.spec, i), shapes[i]
-                rep = s.num_attention_heads // max(s.num_key_value_heads, 1)
-                per_unit = rep * c.query_head + c.kv_head if mode == "kv_group" else c.query_head * s.num_key_value_heads
+                s = shapes[i]
+                per_unit = unit_costs(model, ctx.spec, i).head_unit(mode, s.num_attention_heads, s.num_key_value_heads)
                 removable += units[i] * per_unit
             ratio = ratio_for_budget(to_remove, removable, "attention heads")
         ratios = recipe.layers.layer_ratios(n, ratio)

@@ -147,9 +147,7 @@ class SlimLLM(Method):
         costs = [unit_costs(model, spec, i) for i in range(len(shapes))]
         removed_heads = 0
         for shape, c, k in zip(shapes, costs, head_counts):
-            rep = shape.num_attention_heads // max(shape.num_key_value_heads, 1)
-            removed_heads += k * (rep * c.query_head + c.kv_head if opts.head_mode == "kv_group"
-                                  else c.query_head * shape.num_key_value_heads)
+            removed_heads += k * c.head_unit(opts.head_mode, shape.num_attention_heads, shape.num_key_value_heads)
         active = [i for i, r in enumerate(ratios) if r > 0 and opts.prune_mlp and SKIP_MLP not in shapes[i].skip]
         if not active:
             return [0] * len(shapes)
