@@ -38,7 +38,9 @@ CSS = """
 #status {min-height: 1.5em}
 #status p {font-size: 15px}
 #summary table {width: 100%}
-#summary table, .layer-chart {display: block; max-width: 100%; overflow-x: auto}
+#summary td, #summary th {white-space: nowrap}
+#summary td:first-child, #summary th:first-child {white-space: normal}
+#summary, .layer-chart {max-width: 100%; overflow-x: auto}
 #damage {border: 2px solid #dc2626; border-radius: 8px; padding: 10px 14px; background: rgba(220, 38, 38, .08)}
 #damage p {font-size: 15px; margin: 0}
 #cancel {min-width: 110px}
@@ -48,6 +50,7 @@ CSS = """
   #results-row > * {min-width: 100% !important}
   .layer-chart td.cell {min-width: 64px !important}
   .layer-chart td, .layer-chart th {padding: 3px 4px !important}
+  #summary td, #summary th {padding: 4px 5px !important; font-size: 13px}
 }
 """
 LOG_LINES = 200
@@ -62,6 +65,10 @@ PRIVATE = {"api_visibility": "private"}  # page events: the API is /prune and /p
 def theme() -> gr.themes.Base:
     # system fonts only: the default theme would fetch web fonts from a CDN, and the app must work offline
     return gr.themes.Soft(primary_hue="indigo", font=SYSTEM_FONTS, font_mono=MONO_FONTS)
+
+
+def _api_error(message: str) -> gr.Error:
+    return gr.Error(message, print_exception=False)  # a message for the caller, not a bug: no traceback in the log
 
 
 def _oauth(oauth_token) -> str | None:
@@ -108,7 +115,7 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                 with gr.Row():
                     target_kind = gr.Radio([(v, k) for k, v in forms.TARGET_KINDS.items()], value="ratio",
                                            label="Target", elem_id="target-kind", scale=3, min_width=200)
-                    target_value = gr.Textbox("30%", label="Value", elem_id="target-value", scale=2, min_width=120,
+                    target_value = gr.Textbox("30%", label="Value", elem_id="target-value", scale=2, min_width=160,
                                               info="share to remove: 30% or 0.3; parameters after pruning: 800M")
                 with gr.Accordion("Method options and layers", open=False):
                     options = gr.Textbox(first_form["options"], lines=4, label="Method options (YAML, the method's "
@@ -175,9 +182,9 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
             recipe = gr.Code(language="yaml", interactive=False, elem_id="recipe", show_label=False)
         with gr.Column(visible=False) as output:
             gr.Markdown("### Output")
-            with gr.Row(equal_height=False):
-                repo_id = gr.Textbox(label="Hub repository (editable)", elem_id="repo-id", scale=5, min_width=240)
-                private = gr.Checkbox(False, label="Private", elem_id="private", scale=1, min_width=100)
+            repo_id = gr.Textbox(label="Hub repository (editable)", elem_id="repo-id")
+            with gr.Row(equal_height=True):
+                private = gr.Checkbox(False, label="Private", elem_id="private", scale=1, min_width=110)
                 push_btn = gr.Button("Push to the Hub", variant="primary", elem_id="push", scale=2, min_width=160)
                 download = gr.DownloadButton("Download as zip", elem_id="download", scale=2, min_width=160)
             push_md = gr.Markdown(elem_id="push-status")
@@ -219,11 +226,14 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                   "calib_dataset": calib_dataset, "calib_file": calib_file, "calib_samples": calib_samples,
                   "calib_seq_len": calib_seq_len, "prompt": prompt, "lm_eval": lm_eval, "lm_eval_tasks": lm_tasks,
                   "lm_eval_limit": lm_limit, "measure_speed": measure_speed}
-        hidden = {results: gr.update(visible=False), samples: gr.update(visible=False),
-                  recipe_box: gr.update(visible=False), output: gr.update(visible=False),
-                  damage: gr.update(visible=False)}
-        idle = {run_btn: gr.update(value="Prune", interactive=True),
-                cancel_btn: gr.update(value="Cancel", visible=False, interactive=True)}
+        def hidden() -> dict:  # fresh dicts every time: Gradio consumes the updates it is given
+            return {results: gr.update(visible=False), samples: gr.update(visible=False),
+                    recipe_box: gr.update(visible=False), output: gr.update(visible=False),
+                    damage: gr.update(visible=False)}
+
+        def idle() -> dict:
+            return {run_btn: gr.update(value="Prune", interactive=True),
+                    cancel_btn: gr.update(value="Cancel", visible=False, interactive=True)}
 
         def on_run(data: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None,
                    profile: gr.OAuthProfile | None = None):
@@ -231,29 +241,35 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
             lines: list[str] = []
             board = None
             yield {run_btn: gr.update(value="Running…", interactive=False), cancel_btn: gr.update(visible=True),
-                   status: "", stages_html: "", log: "", job_state: None, push_md: "", **hidden}
+                   status: "", stages_html: "", log: "", job_state: None, push_md: "", **hidden()}
             user = user_of(profile)
-            events = handlers.run_job(form, settings, store, jobs, request.session_hash or "anonymous",
-                                      _oauth(oauth_token), user)
-            for event in contextlib.closing(events):  # closed when the page goes away: the job stops
-                kind = event[0]
-                if kind == "wait":
-                    yield {stages_html: render_wait(event[1], event[2]), run_btn: gr.update(value="Waiting in line…")}
-                elif kind == "stage":
-                    board = event[1]
-                    yield {stages_html: render(board), run_btn: gr.update(value="Running…")}
-                elif kind == "log":
-                    lines.append(event[1])
-                    yield {log: "\n".join(lines[-LOG_LINES:])}
-                elif kind in ("error", "cancelled"):
-                    mark, title = ("⚠", "Failed") if kind == "error" else ("⏹", "Cancelled")
-                    yield {**idle, status: f"{mark} {as_markdown(event[1])}", log: "\n".join(lines[-LOG_LINES:]),
-                           stages_html: render(board, title=title) if board is not None else ""}
-                elif kind == "done":
-                    res = event[1]
-                    yield {**idle, **_result_updates(res, user), log: "\n".join(lines[-LOG_LINES:]),
-                           stages_html: render(board, title="Done") if board is not None else "",
-                           job_state: res.job_id}
+            try:
+                with contextlib.closing(handlers.run_job(form, settings, store, jobs, request.session_hash or
+                                                         "anonymous", _oauth(oauth_token), user)) as events:
+                    for event in events:  # closed when the page goes away: the job stops and cleans up
+                        kind = event[0]
+                        if kind == "wait":
+                            yield {stages_html: render_wait(event[1], event[2]),
+                                   run_btn: gr.update(value="Waiting in line…", interactive=False)}
+                        elif kind == "stage":
+                            board = event[1]
+                            yield {stages_html: render(board),
+                                   run_btn: gr.update(value="Running…", interactive=False)}
+                        elif kind == "log":
+                            lines.append(event[1])
+                            yield {log: "\n".join(lines[-LOG_LINES:])}
+                        elif kind in ("error", "cancelled"):
+                            mark, title = ("⚠", "Failed") if kind == "error" else ("⏹", "Cancelled")
+                            yield {**idle(), status: f"{mark} {as_markdown(event[1])}",
+                                   log: "\n".join(lines[-LOG_LINES:]),
+                                   stages_html: render(board, title=title) if board is not None else ""}
+                        elif kind == "done":
+                            res = event[1]
+                            yield {**idle(), **_result_updates(res, user), log: "\n".join(lines[-LOG_LINES:]),
+                                   stages_html: render(board, title="Done") if board is not None else "",
+                                   job_state: res.job_id}
+            except Exception as err:  # a bug must not leave the page "Running…"
+                yield {**idle(), status: f"⚠ {as_markdown(friendly(err))}"}
 
         def _result_updates(res, user):
             texts = res.evidence.generations or ("", "")
@@ -344,16 +360,16 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                               lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit,
                               measure_speed=speed_default if speed is None else bool(speed))
             if form.calib_source not in ("shipped", "dataset"):
-                raise gr.Error("calibration must be \"shipped\" or \"dataset\" (uploads are for the page).")
+                raise _api_error("calibration must be \"shipped\" or \"dataset\" (uploads are for the page).")
             session = request.session_hash if request is not None else "api"
             for event in handlers.run_job(form, settings, store, jobs, session, _oauth(oauth_token),
                                           user_of(profile)):
                 if event[0] in ("error", "cancelled"):
-                    raise gr.Error(event[1])
+                    raise _api_error(event[1])
                 if event[0] == "done":
                     res = event[1]
                     return handlers.api_summary(res), FileData(path=str(res.zip_path))
-            raise gr.Error("The job ended without a result.")
+            raise _api_error("The job ended without a result.")
 
         def push(job_id: int, repo_id: str, private: bool = False, request: gr.Request = None,
                  oauth_token: gr.OAuthToken | None = None) -> str:
@@ -368,7 +384,7 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                 return handlers.push(store, job_id, request.session_hash, repo_id, private, settings,
                                      _oauth(oauth_token))
             except Exception as err:
-                raise gr.Error(friendly(err)) from None
+                raise _api_error(friendly(err)) from None
 
         gr.api(prune, api_name="prune", concurrency_limit=job_limit, concurrency_id="job")
         gr.api(push, api_name="push", concurrency_limit=1, concurrency_id="push")

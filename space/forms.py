@@ -175,7 +175,7 @@ def parse_ratio(value) -> float:
         raise SpaceError("A share of 0 removes nothing, so the result would be the unchanged model. Choose how "
                          "much to remove, e.g. 0.3 or 30%.")
     if not 0.0 < number < 1.0:
-        hint = f" Did you mean {number:g}%?" if 1 < number < 100 and not percent else ""
+        hint = f" Did you mean {number:g}%?" if 1 < number < 100 and number.is_integer() and not percent else ""
         raise SpaceError(f"The share to remove must be between 0 and 1 (or 0% and 100%), not {shown}.{hint} For "
                          "example 0.3 or 30% removes 30%.")
     return number

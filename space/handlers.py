@@ -125,7 +125,7 @@ def run_job(form: forms.Form, settings: Settings, store: ResultStore, jobs: JobQ
     except SpaceError as err:
         yield ("error", str(err))
         return
-    board = Board(job_stages(form), jobs.history)
+    board = Board(job_stages(form), jobs.history, kind=f"{form.method}/{form.score or ''}")
     try:
         yield from jobs.wait_turn(ticket)
         ticket.board = board
@@ -272,8 +272,8 @@ def _prune_and_measure(reporter: Reporter, prep: Prepared, form: forms.Form, set
     result = core.prune(model, tokenizer, prep.recipe, progress=on_layer, base_model=str(prep.base_folder))
     result.base_revision = info.revision or result.base_revision
     if result.params_after["total"] >= result.params_before["total"]:
-        raise SpaceError("Nothing was removed with these settings (the target rounds to zero units), so there is "
-                         "no pruned model. Remove a larger share or lower “Round widths to”.")
+        raise SpaceError("Nothing was removed with these settings: the method removes whole units (neurons, heads "
+                         "or layers) and the target rounds to none. Remove a larger share.")
     if prep.calib_name:  # record the uploaded file's name, not the job folder's path
         result.recipe = result.recipe.replace(calibration=replace(result.recipe.calibration, source=prep.calib_name))
         result.calibration = result.recipe.calibration.describe()

@@ -26,6 +26,7 @@ from .stages import Board, History
 logger = logging.getLogger(__name__)
 
 LOGGERS = ("core", "space")
+QUIET = ("core.card",)  # details that only confuse on the page (e.g. a base model without a license in its card)
 
 
 class Cancelled(BaseException):
@@ -191,7 +192,8 @@ class _QueueHandler(logging.Handler):
         self.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread_id:  # first line only: the page's log is a summary, the server log has all
+        # first line only: the page's log is a summary, the server log has all
+        if record.thread == self.thread_id and record.name not in QUIET:
             self.events.put(("log", self.redact((self.format(record).strip().splitlines() or [""])[0])))
 
 

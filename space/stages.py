@@ -45,39 +45,47 @@ class Stage:
     seconds: float | None = None
 
 
+# how long pruning takes depends on the method and score (seconds for a weight score, much longer for Shapley
+# values); the other stages depend on the model's size only
+_BY_KIND = {"prune"}
+
+
 class History:
     """Stage durations of the last finished jobs, per parameter of their model (for estimates)."""
 
-    def __init__(self, keep: int = 5) -> None:
-        self._jobs: deque[tuple[int, dict[str, float]]] = deque(maxlen=keep)
+    def __init__(self, keep: int = 8) -> None:
+        self._jobs: deque[tuple[int, str, dict[str, float]]] = deque(maxlen=keep)
         self._lock = threading.Lock()
 
     def record(self, board: "Board") -> None:
         if board.params:
+            seconds = {s.key: s.seconds for s in board.stages if s.seconds is not None}
             with self._lock:
-                self._jobs.append((board.params, {s.key: s.seconds for s in board.stages if s.seconds is not None}))
+                self._jobs.append((board.params, board.kind, seconds))
 
-    def expected(self, key: str, params: int | None) -> float | None:
-        """Seconds stage `key` should take for a model of `params` parameters (None: no data)."""
+    def expected(self, key: str, params: int | None, kind: str = "") -> float | None:
+        """Seconds stage `key` should take for a model of `params` parameters pruned by `kind` (None: no data)."""
         with self._lock:
-            rates = [seconds[key] / p for p, seconds in self._jobs if key in seconds]
+            rates = [seconds[key] / p for p, k, seconds in self._jobs
+                     if key in seconds and (k == kind or key not in _BY_KIND)]
         if not rates or not params:
             return None
         return statistics.median(rates) * params
 
     def typical_total(self) -> float | None:
         with self._lock:
-            totals = [sum(seconds.values()) for _, seconds in self._jobs]
+            totals = [sum(seconds.values()) for _, _, seconds in self._jobs]
         return statistics.median(totals) if totals else None
 
 
 class Board:
     """The stages of one job and where it is. Updated by the job's consumer, read by waiting users' threads."""
 
-    def __init__(self, keys: list[str], history: History | None = None, clock=time.monotonic) -> None:
+    def __init__(self, keys: list[str], history: History | None = None, clock=time.monotonic, kind: str = "") -> None:
         self.stages = [Stage(k, STAGES[k]) for k in keys]
         self.history = history or History()
         self.clock = clock
+        self.kind = kind  # the method and score: what the pruning stage's duration depends on
         self.params: int | None = None
         self.started: float | None = None
         self.ended: float | None = None
@@ -131,7 +139,7 @@ class Board:
         return (self.ended or (now if now is not None else self.clock())) - self.started
 
     def _expected(self, key: str) -> float | None:
-        known = self.history.expected(key, self.params)
+        known = self.history.expected(key, self.params, self.kind)
         if known is not None:
             return known
         base = self._get("base") if any(s.key == "base" for s in self.stages) else None
@@ -153,7 +161,7 @@ class Board:
                 spent = now - s.started
                 if s.part is not None and s.part >= 0.05:  # its own progress says best how long it takes
                     expected = spent / s.part
-                elif expected is None:
+                elif expected is None or spent > expected:  # no basis, or it overran the estimate
                     return None
                 total += max(expected - spent, 0.0)
             elif expected is None:
@@ -225,7 +233,7 @@ def render_wait(ahead: int, seconds: float | None) -> str:
     """What a waiting user sees: their place in the line and the expected wait."""
     jobs = "1 job is" if ahead == 1 else f"{ahead} jobs are"
     wait = (f"Expected wait: about <b>{fmt_duration(seconds)}</b>." if seconds is not None
-            else "Expected wait: not known yet (no job has finished since the Space started).")
+            else "Expected wait: not known yet; it shows as soon as the jobs ahead have got far enough to tell.")
     return (f'{_STYLE}<div class="queue-box" id="queue-info" data-ahead="{ahead}"><b>Waiting in line: you are '
             f'number {ahead + 1}.</b> {jobs} ahead of you; one job runs at a time. {wait} '
             'Your job starts by itself; you can cancel it while it waits.</div>')

@@ -310,13 +310,13 @@ def test_the_line_shows_position_and_expected_wait_and_can_be_cancelled():
     waiting = jobs.wait_turn(second, poll=0.01)
     assert next(waiting) == ("wait", 1, None)  # no job has finished yet: no estimate
     # a finished job of 1M parameters took 10 s in "prune"; the running one has 2M parameters and is halfway
-    done = Board(["prune"], history, clock=lambda: clock[0])
+    done = Board(["prune"], history, clock=lambda: clock[0], kind="mlp_width/maw")
     done.params = 1_000_000
     done.update("prune", 0.0)
     clock[0] = 10.0
     done.finish()
     history.record(done)
-    first.board = Board(["check", "prune"], history, clock=lambda: clock[0])
+    first.board = Board(["check", "prune"], history, clock=lambda: clock[0], kind="mlp_width/maw")
     first.board.params = 2_000_000
     first.board.update("prune", 0.5)
     clock[0] = 20.0
@@ -347,6 +347,35 @@ def test_estimates_without_history_start_from_the_measured_base_model():
     clock[0] = 14.0
     board.update("prune", 0.5)
     assert board.remaining() == pytest.approx(2.0 + 10 * (1.0 + 0.5))  # the running stage extrapolates itself
+
+
+def test_estimates_from_history_scale_with_the_model_and_price_pruning_by_method():
+    history, clock = History(), [0.0]
+    done = Board(["base", "prune"], history, clock=lambda: clock[0], kind="mlp_width/maw")
+    done.params = 1_000_000
+    done.update("base")
+    clock[0] = 4.0
+    done.update("prune", 0.0)
+    clock[0] = 5.0
+    done.finish()
+    history.record(done)
+    same = Board(["base", "prune"], history, clock=lambda: clock[0], kind="mlp_width/maw")
+    same.params = 3_000_000  # three times the model: three times the time
+    same.update("base")
+    assert same.remaining() == pytest.approx(3 * 4.0 + 3 * 1.0)
+    other = Board(["base", "prune"], history, clock=lambda: clock[0], kind="depth/shapley_mc")
+    other.params = 1_000_000
+    other.update("base")
+    clock[0] = 6.0
+    assert other.remaining() is None  # Shapley pruning is not priced by a weight score's time
+    other.update("prune", None)
+    clock[0] = 10.0
+    assert other.remaining() is None
+    other.update("prune", 0.1)  # 4 s for 10%: its own progress now
+    assert other.remaining() == pytest.approx(36.0)
+    clock[0] = 20.0
+    same.update("base")  # overran the 12 s the history gave it: no estimate rather than "0:00 left"
+    assert same.remaining() is None
 
 
 def test_results_are_evicted_and_sessions_cleaned(tmp_path):
