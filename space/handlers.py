@@ -141,8 +141,6 @@ def run_job(form: forms.Form, settings: Settings, store: ResultStore, jobs: JobQ
     finally:
         jobs.leave(ticket)
         gc.collect()  # the models died with the job's frames: give their memory back now
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _run(ticket: Ticket, board: Board, form: forms.Form, settings: Settings, store: ResultStore, jobs: JobQueue,
@@ -229,8 +227,13 @@ def _gpu_part(prep: Prepared, form: forms.Form, settings: Settings, folder: Path
               redact: Redactor) -> Iterator[tuple]:
     """Load, measure, prune, measure, save: the part that uses the GPU (a generator of `stream` events, so that
     on ZeroGPU the progress crosses from the GPU process to the page)."""
-    yield from stream(functools.partial(_prune_and_measure, prep=prep, form=form, settings=settings, folder=folder,
-                                        user=user), redact=redact)
+    try:
+        yield from stream(functools.partial(_prune_and_measure, prep=prep, form=form, settings=settings,
+                                            folder=folder, user=user), redact=redact)
+    finally:  # the models died with the job's thread: give their memory back now
+        gc.collect()
+        if torch.cuda.is_available():  # here even on ZeroGPU: this runs in the process that holds the GPU
+            torch.cuda.empty_cache()
 
 
 def _gpu_seconds(prep: Prepared, form: forms.Form, settings: Settings, *_) -> int:
