@@ -138,10 +138,10 @@ class Board:
             return 0.0
         return (self.ended or (now if now is not None else self.clock())) - self.started
 
-    def _expected(self, key: str) -> float | None:
+    def _expected(self, key: str, running: bool = False) -> float | None:
         known = self.history.expected(key, self.params, self.kind)
-        if known is not None:
-            return known
+        if known is not None or (running and key in _BY_KIND):  # a running pruning stage: the method's history
+            return known  # or its own progress, never the prior (Shapley values take 100x a weight score)
         base = self._get("base") if any(s.key == "base" for s in self.stages) else None
         if base is not None and base.seconds is not None and key in _PRIOR:
             return _PRIOR[key] * base.seconds
@@ -156,10 +156,10 @@ class Board:
         for s in self.stages:
             if s.state in ("done", "skipped"):
                 continue
-            expected = self._expected(s.key)
+            expected = self._expected(s.key, running=s.state == "active")
             if s.state == "active":
                 spent = now - s.started
-                if s.part is not None and s.part >= 0.05:  # its own progress says best how long it takes
+                if s.part is not None and s.part >= 0.01:  # its own progress says best how long it takes
                     expected = spent / s.part
                 elif expected is None or spent > expected:  # no basis, or it overran the estimate
                     return None

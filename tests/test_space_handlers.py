@@ -342,11 +342,18 @@ def test_estimates_without_history_start_from_the_measured_base_model():
     clock[0] = 2.0
     board.update("base")
     clock[0] = 12.0
+    assert board.remaining() is None  # the base measurement itself: nothing to go by
     board.update("prune", 0.0)
-    assert board.remaining() == pytest.approx(10 * (1.5 + 1.0 + 0.5))  # priced relative to the base measurement
+    assert board.remaining() is None  # pruning has just started: its time depends on the method, not known yet
     clock[0] = 14.0
-    board.update("prune", 0.5)
-    assert board.remaining() == pytest.approx(2.0 + 10 * (1.0 + 0.5))  # the running stage extrapolates itself
+    board.update("prune", 0.5)  # the running stage extrapolates itself; the rest is priced relative to the base
+    assert board.remaining() == pytest.approx(2.0 + 10 * (1.0 + 0.5))
+    clock[0] = 16.0
+    board.update("pruned")
+    clock[0] = 20.0
+    assert board.remaining() == pytest.approx(6.0 + 5.0)  # 10 s like the base measurement, 4 s spent; then save
+    clock[0] = 31.0
+    assert board.remaining() is None  # overran the prior: no "0:00 left"
 
 
 def test_estimates_from_history_scale_with_the_model_and_price_pruning_by_method():
