@@ -61,7 +61,10 @@ _UI_WORDS = (
     (re.compile(r"--calib-seq-len"), "“Tokens per sample” (Calibration data)"),
     (re.compile(r"--calib-samples"), "“Samples” (Calibration data)"),
     (re.compile(r"\s*or a task folder of your own \(--task-dir\)"), ""),
-    (re.compile(r"[^.]*--(allow-pickle|trust-remote-code)[^.]*\."), ""),
+    (re.compile(r",? or pass --allow-pickle if you trust the source"), ""),
+    (re.compile(r"\s*Pass --allow-pickle to accept pickle weights from a source you trust\."), ""),
+    (re.compile(r"It is not run unless you pass --trust-remote-code \(only for repositories you trust\)\."),
+     "The Space does not run a repository's code."),
     (re.compile(r"--round-to"), "“Round widths to”"),
     (re.compile(r"--protect-(first|last)"), lambda m: f"“Keep {m.group(1)} N layers”"),
 )

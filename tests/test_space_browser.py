@@ -282,9 +282,14 @@ def test_prune_download_and_push(page, app, hub, model_folder, tmp_path):
     assert "method mlp_width · score maw" in _text(page, "method-help")
     _fill(page, "target-value", "30%")
     _set_checkbox(page, "measure-speed", True)  # off by default on a CPU
-    done = _run(page, "Done|^⚠", lambda pg: pg.locator("#run").dblclick())  # must not start two jobs
+    def start(pg):
+        pg.locator("#run").dblclick()  # must not start two jobs
+        pg.wait_for_selector("#stages li[data-state=active]", timeout=TIMEOUT_MS)
+        pg.evaluate("window.scrollTo(0, 0)")  # the user scrolls up while it runs
+
+    done = _run(page, "Done|^⚠", start)
     assert done.startswith("✔ Done"), f"{done}\n{app.log_tail()}"
-    _in_view(page, "#status")  # the page scrolled to the results
+    _in_view(page, "#status")  # at the end, the page scrolled to the results
 
     # the numbers: parameters and size, perplexity, speed, before and after
     page.wait_for_selector("#summary tr >> nth=2")  # components render a moment after the status
@@ -355,6 +360,7 @@ def test_prune_download_and_push(page, app, hub, model_folder, tmp_path):
     assert out.stdout.strip().splitlines()[-1] == str(round(width * 0.7))
 
 
+@pytest.mark.slow  # ~50 s: two browsers, two jobs
 def test_phone_user_waits_in_line_while_another_job_is_cancelled(page, app, playwright_session, tmp_path):
     """A long job runs (depth pruning with many Shapley samples, progress per sample); a second user on a phone
     presses Prune and sees their place in line; the first job is cancelled, its folder disappears, and the
@@ -390,6 +396,7 @@ def test_phone_user_waits_in_line_while_another_job_is_cancelled(page, app, play
         assert phone.locator("#run").is_disabled() and _text(phone, "run") == "Waiting in line…"
         _no_sideways_scroll(phone)
         _shot(phone, "phone-waiting", tmp_path)
+        phone.evaluate("window.scrollTo(0, 0)")
 
         # user 1 cancels: the job stops and its folder is gone
         previous = _text(page, "status")

@@ -18,7 +18,7 @@ import yaml
 
 from core.methods import METHODS
 from core.scores import HEAD_SCORES
-from core.errors import CalibrationError
+from core.errors import CalibrationError, ModelLoadError
 from core.model_io import REFERENCE_MODEL
 from space import chart, forms, gpu, handlers, hub
 from space.errors import Redactor, SpaceError, as_markdown, friendly
@@ -433,6 +433,12 @@ def test_messages_use_the_pages_words_and_hide_server_paths():
     msg = friendly(CalibrationError("f.jsonl:2 has no string field 'text'; set the text field name "
                                     "(--calib-text-field) to the one your file uses."))
     assert "--" not in msg and 'each line must be a JSON object with a "text" field' in msg
+    msg = friendly(ModelLoadError("m has only pickle weights (*.bin/*.pt), which can run arbitrary code when loaded. "
+                                  "Convert them to safetensors, or pass --allow-pickle if you trust the source."))
+    assert msg.endswith("when loaded. Convert them to safetensors.") and "--" not in msg
+    msg = friendly(ModelLoadError("org/m needs custom code from its repository. It is not run unless you pass "
+                                  "--trust-remote-code (only for repositories you trust)."))
+    assert msg.endswith("from its repository. The Space does not run a repository's code.")
     assert as_markdown("got '<stream end>' & more") == "got '&lt;stream end&gt;' &amp; more"
     redact = Redactor({"/tmp/prune-space-x/job-3": "job folder"})
     assert redact("wrote /tmp/prune-space-x/job-3/model") == "wrote job folder/model"
