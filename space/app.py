@@ -226,6 +226,7 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                   "calib_dataset": calib_dataset, "calib_file": calib_file, "calib_samples": calib_samples,
                   "calib_seq_len": calib_seq_len, "prompt": prompt, "lm_eval": lm_eval, "lm_eval_tasks": lm_tasks,
                   "lm_eval_limit": lm_limit, "measure_speed": measure_speed}
+
         def hidden() -> dict:  # fresh dicts every time: Gradio consumes the updates it is given
             return {results: gr.update(visible=False), samples: gr.update(visible=False),
                     recipe_box: gr.update(visible=False), output: gr.update(visible=False),

@@ -175,10 +175,12 @@ def _run(ticket: Ticket, board: Board, form: forms.Form, settings: Settings, sto
         raise
 
 
-def _relay(events: Iterator[tuple], board: Board, ticket: Ticket, refresh: float = 1.0) -> Iterator[tuple]:
-    """Pass one part's events on to the page (progress through `board`) and return its value. Stops the part,
-    and waits until it has stopped, when the ticket is cancelled or the page goes away."""
-    shown = 0.0
+def _relay(events: Iterator[tuple], board: Board, ticket: Ticket, refresh: float = 1.0, busy: float = 0.25
+           ) -> Iterator[tuple]:
+    """Pass one part's events on to the page (progress through `board`, at most every `busy` seconds unless the
+    stage changes; every `refresh` seconds the clocks move on) and return its value. Stops the part, and waits until
+    it has stopped, when the ticket is cancelled or the page goes away."""
+    shown, stage = 0.0, None
     try:
         for event in events:
             ticket.check()
@@ -194,8 +196,9 @@ def _relay(events: Iterator[tuple], board: Board, ticket: Ticket, refresh: float
                 raise SpaceError(event[1])
             elif kind == "cancelled":
                 raise Cancelled()
-            if kind == "progress" or time.monotonic() - shown >= refresh:  # ticks: the clocks move on
-                shown = time.monotonic()
+            now, current = time.monotonic(), board.current
+            if current is not stage or now - shown >= (busy if kind == "progress" else refresh):
+                shown, stage = now, current
                 yield ("stage", board)
         raise SpaceError("The job ended without a result.")  # a stream always ends with one; defensive
     finally:
