@@ -437,7 +437,10 @@ def test_restart_mid_job(crash_run, hub, alice, tmp_path):
     proc, work, data, sha = crash_run
     assert proc.wait(timeout=240) == -9, (work / "output").read_text()[-3000:]
     variant = "pruners/crash-src-maw-50pct"
-    assert commits(alice, variant) == [f"maw-50pct of alice/crash-src@{sha[:10]}", "initial commit"]
+    bot_api = HfApi(endpoint=hub.url, token=BOT)
+    assert commits(bot_api, variant) == [f"maw-50pct of alice/crash-src@{sha[:10]}", "initial commit"]
+    with pytest.raises(RepositoryNotFoundError):  # pushed, but private until the job is recorded done
+        alice.model_info(variant)
     os.environ["CRASH_BOT_TOKEN"] = BOT
     try:
         with Bot(BotConfig.from_dict(data)) as restarted:
