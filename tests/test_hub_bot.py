@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,9 @@ from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
 import core  # noqa: E402
+from bot_support import CHEAP, commits, drain, jobs_of, push, subprocess_env, webhook_payload  # noqa: E402
+from bot_support import bot_config as config  # noqa: E402
+from bot_support import post_hook as _post_hook  # noqa: E402
 from conftest import hub_client_online, save_tiny, tiny_model  # noqa: E402
 from hub_bot.config import BotConfig  # noqa: E402
 from hub_bot.local_hub import start_local_hub  # noqa: E402
@@ -44,7 +46,6 @@ SECRET = "whsec-test-0123456789"
 SOURCE = "alice/tiny-src"
 RECIPES = [{"method": "maw_range", "target": {"ratio": 0.3}},
            {"method": "slimllm", "target": {"ratio": 0.25}, "calibration": {"n_samples": 4, "seq_len": 32}}]
-CHEAP = {"method": "maw", "target": {"ratio": 0.5}}
 VARIANTS = {"maw_range-30pct": "pruners/tiny-src-maw_range-30pct", "slimllm-25pct": "pruners/tiny-src-slimllm-25pct"}
 IDS = [[5, 17, 33, 120, 7, 300, 41, 2, 9, 64]]
 
@@ -103,44 +104,6 @@ def source_dir(tmp_path_factory):
     folder = save_tiny(tiny_model("llama"), tmp_path_factory.mktemp("tiny-src"))
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny source\n")
     return folder
-
-
-def config(tmp: Path, hub_url: str, watch: list, **changes) -> BotConfig:
-    data = {"hub": {"endpoint": hub_url, "disable_xet": True}, "target_org": "pruners",
-            "database": str(tmp / "bot.sqlite"), "limits": {"backoff_s": 0.2, "max_attempts": 3},
-            "evaluation": {"max_tokens": 200, "max_length": 64, "speed": {"prompt_tokens": 8, "new_tokens": 4,
-                                                                          "repeats": 1}},
-            "polling": {"interval_s": 3600}, "watch": watch}
-    data.update(changes)
-    return BotConfig.from_dict(data)
-
-
-def push(api: HfApi, repo: str, folder: Path, message: str = "Upload model") -> str:
-    api.create_repo(repo, exist_ok=True)
-    return api.upload_folder(repo_id=repo, folder_path=folder, commit_message=message).oid
-
-
-def drain(bot: Bot, timeout: float = 60) -> None:
-    """Run jobs until none is queued (waiting out retry backoffs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        bot.run_pending()
-        if not bot.store.jobs("queued"):
-            return
-        time.sleep(0.05)
-    raise AssertionError("jobs still queued")
-
-
-def commits(api: HfApi, repo: str, revision: str = "main") -> list[str]:
-    return [c.title for c in api.list_repo_commits(repo, revision=revision)]
-
-
-def subprocess_env(hub_url: str, home: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_HOME=str(home),
-               HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
-               OMP_NUM_THREADS="1", **extra)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -281,20 +244,8 @@ def test_status_endpoint_and_page(published, bot):
 
 
 # -------------------------------------------------------------------- triggers
-def webhook_payload(repo: str, sha: str, ref: str = "refs/heads/main") -> dict:
-    return {"event": {"action": "update", "scope": "repo.content"},
-            "repo": {"type": "model", "name": repo, "headSha": sha},
-            "updatedRefs": [{"ref": ref, "oldSha": None, "newSha": sha}], "webhook": {"id": "x", "version": 3}}
-
-
 def post_hook(bot: Bot, body, secret: str | None = SECRET) -> httpx2.Response:
-    headers = {"X-Webhook-Secret": secret} if secret is not None else {}
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx2.post(f"{bot.url}/webhook", content=content, headers=headers)
-
-
-def jobs_of(bot: Bot, *repos: str) -> list:
-    return [j for j in bot.store.jobs() if j.source_repo in repos]
+    return _post_hook(bot, body, secret)
 
 
 def test_bad_secret_is_refused(published, bot):

@@ -301,3 +301,34 @@ def test_source_license_is_inherited_with_its_name_and_link(tmp_path):
     assert source_terms(tmp_path) == {"license": "other", "license_name": "psf-2.0",
                                       "license_link": "https://docs.python.org/3/license.html",
                                       "extra_gated_prompt": "Agree first", "extra_gated_fields": {"Company": "text"}}
+
+
+def test_library_warnings_go_through_the_json_log(capfd):
+    """transformers' own handler and Python warnings would print outside the bot's JSON lines."""
+    import io
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from hub_bot.logs import setup_logging
+
+    hf_logging.get_logger("transformers.modeling_utils")  # transformers has set up its own handler by now
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    try:
+        setup_logging("INFO", "json", stream=stream)
+        hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+        warnings.warn("a python warning", UserWarning)
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        hf_logging.enable_default_handler()
+        hf_logging.disable_propagation()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["logger"] for r in records] == ["transformers.modeling_utils", "py.warnings"]
+    assert "a transformers warning" in records[0]["msg"] and "a python warning" in records[1]["msg"]
+    captured = capfd.readouterr()
+    assert "warning" not in captured.err + captured.out

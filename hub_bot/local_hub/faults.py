@@ -88,6 +88,13 @@ class FaultInjector:
         return None
 
 
+async def _drain(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
 class FaultMiddleware:
     """ASGI middleware answering requests that match a fault rule."""
 
@@ -108,6 +115,7 @@ class FaultMiddleware:
             await asyncio.sleep(rule.delay_s)
         if rule.status is None:
             return await self.app(scope, receive, send)
+        await _drain(receive)  # read the request body first, as a server does: closing with unread bytes resets
         body = json.dumps({"error": rule.message}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"x-error-message", rule.message.encode("latin-1", "replace"))]

@@ -1,0 +1,70 @@
+"""Helpers shared by the bot's end-to-end tests (test_hub_bot.py, test_bot_*.py): a bot config for the local
+Hub, pushing a folder, draining the job queue, posting webhooks, a clean environment for client subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi
+
+from hub_bot.config import BotConfig
+from hub_bot.service import Bot
+
+ROOT = Path(__file__).resolve().parent.parent
+CHEAP = {"method": "maw", "target": {"ratio": 0.5}}  # the fastest recipe: no calibration data
+FAST_EVAL = {"max_tokens": 200, "max_length": 64, "speed": {"prompt_tokens": 8, "new_tokens": 4, "repeats": 1}}
+
+
+def bot_config(tmp: Path, hub_url: str, watch: list, **changes) -> BotConfig:
+    data = {"hub": {"endpoint": hub_url, "disable_xet": True}, "target_org": "pruners",
+            "database": str(tmp / "bot.sqlite"), "limits": {"backoff_s": 0.2, "max_attempts": 3},
+            "evaluation": FAST_EVAL, "polling": {"interval_s": 3600}, "watch": watch}
+    data.update(changes)
+    return BotConfig.from_dict(data)
+
+
+def push(api: HfApi, repo: str, folder: Path, message: str = "Upload model", **kwargs) -> str:
+    api.create_repo(repo, exist_ok=True)
+    return api.upload_folder(repo_id=repo, folder_path=folder, commit_message=message, **kwargs).oid
+
+
+def drain(bot: Bot, timeout: float = 120) -> None:
+    """Run jobs until none is queued (waiting out retry backoffs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        bot.run_pending()
+        if not bot.store.jobs("queued"):
+            return
+        time.sleep(0.05)
+    raise AssertionError("jobs still queued")
+
+
+def commits(api: HfApi, repo: str, revision: str = "main") -> list[str]:
+    return [c.title for c in api.list_repo_commits(repo, revision=revision)]
+
+
+def webhook_payload(repo: str, sha: str, ref: str = "refs/heads/main", scope: str = "repo.content") -> dict:
+    return {"event": {"action": "update", "scope": scope},
+            "repo": {"type": "model", "name": repo, "headSha": sha},
+            "updatedRefs": [{"ref": ref, "oldSha": None, "newSha": sha}], "webhook": {"id": "x", "version": 3}}
+
+
+def post_hook(bot: Bot, body, secret: str | None) -> httpx2.Response:
+    headers = {"X-Webhook-Secret": secret} if secret is not None else {}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx2.post(f"{bot.url}/webhook", content=content, headers=headers, timeout=60)
+
+
+def jobs_of(bot: Bot, *repos: str) -> list:
+    return [j for j in bot.store.jobs() if j.source_repo in repos]
+
+
+def subprocess_env(hub_url: str, home: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_HOME=str(home),
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS="1", **extra)
+    return env
