@@ -233,7 +233,8 @@ class BotConfig:
         if publish_dtype not in ("source", "float32", "bfloat16", "float16"):
             raise ConfigError(f"publish_dtype must be source, float32, bfloat16 or float16 (got {publish_dtype!r}).")
         return cls(hub=hub, target_org=target_org, database=database if database.is_absolute() else base_dir / database,
-                   watch=watch, limits=limits, visibility=visibility, evaluation=evaluation, server=server, webhook=webhook,
+                   watch=watch, limits=limits, visibility=visibility, evaluation=evaluation, server=server,
+                   webhook=webhook,
                    poll_interval_s=float(polling.get("interval_s") or 0), device=str(data.get("device") or "cpu"),
                    publish_dtype=publish_dtype, torch_threads=_positive_int(data.get("torch_threads"), "torch_threads"),
                    work_dir=Path(work_dir) if work_dir else None)

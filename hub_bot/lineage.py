@@ -42,7 +42,7 @@ class Lineage:
         return sha == heads[branch] or sha in self.ancestors(repo, heads[branch])
 
     def is_ancestor(self, repo: str, older: str, newer: str) -> bool:
-        """Whether `older` is a strict ancestor of `newer`; False when `newer` is not a commit of the repo (any more)."""
+        """Whether `older` is a strict ancestor of `newer` (False when `newer` is no commit of the repo, any more)."""
         if older == newer:
             return False
         try:

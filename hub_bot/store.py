@@ -221,8 +221,8 @@ class JobStore:
             if row is not None:
                 return row["id"], False
             cur = conn.execute(
-                "INSERT INTO jobs (source_repo, source_sha, recipe_hash, recipe_name, recipe_yaml, publish, target_repo,"
-                " private, source_private, state, next_attempt_at, trigger, created_at, updated_at)"
+                "INSERT INTO jobs (source_repo, source_sha, recipe_hash, recipe_name, recipe_yaml, publish,"
+                " target_repo, private, source_private, state, next_attempt_at, trigger, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (job.source_repo, job.source_sha, job.recipe_hash, job.recipe_name, job.recipe_yaml, job.publish,
                  job.target_repo, int(job.private), None if job.source_private is None else int(job.source_private),
@@ -370,6 +370,13 @@ class JobStore:
                                 "state = 'done' AND output_repo IS NOT NULL AND lower(source_repo) = lower(?) "
                                 "GROUP BY lower(output_repo)", (source_repo,)).fetchall()
         return [(r["output_repo"], bool(r["private"])) for r in rows]
+
+    def created_target(self, target_repo: str) -> bool:
+        """Whether one of the bot's jobs created `target_repo` (and may delete it when nothing ends up there)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT 1 FROM jobs WHERE created_target = 1 AND lower(target_repo) = lower(?) LIMIT 1",
+                               (target_repo,)).fetchone()
+        return row is not None
 
     def target_in_use(self, target_repo: str, except_job: int) -> bool:
         """Whether another job published (or is about to publish) into `target_repo`."""

@@ -185,9 +185,10 @@ class Worker:
         return state or "lost"
 
     def _clean_up(self, job: Job) -> None:
-        """A repo this job created and nobody else publishes to is deleted: no empty repo is left behind."""
-        current = self.store.get(job.id)
-        if job.publish != "repo" or not current.created_target or self.store.target_in_use(job.target_repo, job.id):
+        """A repo the bot created for this variant that no other job publishes (or will publish) to is deleted:
+        no empty repo is left behind."""
+        if job.publish != "repo" or not self.store.created_target(job.target_repo) \
+                or self.store.target_in_use(job.target_repo, job.id):
             return
         try:
             self.publisher.delete_created(job)

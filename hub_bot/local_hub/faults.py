@@ -58,11 +58,12 @@ class FaultInjector:
             message: str = "Injected fault", error_code: str | None = None, delay_s: float = 0.0) -> FaultRule:
         """Make the next `count` requests whose "METHOD /path" matches `pattern` answer `status` (None: only
         wait `delay_s`, then serve them)."""
-        rule = FaultRule(pattern=pattern, status=None if status is None else int(status), count=count, headers=dict(headers or {}),
-                         message=message, error_code=error_code, delay_s=float(delay_s), id=next(self._ids))
+        rule = FaultRule(pattern=pattern, status=None if status is None else int(status), count=count,
+                         headers=dict(headers or {}), message=message, error_code=error_code, delay_s=float(delay_s),
+                         id=next(self._ids))
         with self._lock:
             self._rules.append(rule)
-        logger.info("fault rule %d: %r -> %d (count=%s)", rule.id, pattern, status, count)
+        logger.info("fault rule %d: %r -> %s (count=%s)", rule.id, pattern, status or f"a {delay_s}s delay", count)
         return rule
 
     def clear(self) -> None:
