@@ -2,15 +2,20 @@
 Hub, pushing a folder, draining the job queue, posting webhooks, a clean environment for client subprocesses."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 import httpx2
+import torch
 from huggingface_hub import HfApi
 
+from conftest import hub_client_online, save_tiny, tiny_model
 from hub_bot.config import BotConfig
+from hub_bot.logs import JsonFormatter, RedactingFilter
 from hub_bot.service import Bot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,3 +73,40 @@ def subprocess_env(hub_url: str, home: Path, **extra) -> dict:
                HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
                OMP_NUM_THREADS="1", **extra)
     return env
+
+
+@contextlib.contextmanager
+def online_on_one_thread():
+    """The in-process client online without Xet, and one torch thread (tiny models on a busy machine run faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with hub_client_online():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def json_log_file(path: Path):
+    """Every log record, while inside, as JSON lines in `path` (through the bot's redacting filter)."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def tiny_source(folder: Path, seed: int = 0, title: str = "Tiny source") -> Path:
+    """A tiny random Llama with the reference tokenizer and an apache-2.0 card, saved in `folder`."""
+    save_tiny(tiny_model("llama", seed=seed), folder)
+    (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# {title}\n")
+    return folder

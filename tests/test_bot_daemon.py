@@ -22,8 +22,8 @@ pytest.importorskip("fastapi")
 import yaml  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
 
-from bot_support import CHEAP, ROOT, commits, push, subprocess_env  # noqa: E402
-from conftest import hub_client_online, save_tiny, tiny_model  # noqa: E402
+from bot_support import CHEAP, ROOT, commits, push, subprocess_env, tiny_source  # noqa: E402
+from conftest import hub_client_online  # noqa: E402
 from hub_bot.local_hub import start_local_hub  # noqa: E402
 from hub_bot.store import JobStore  # noqa: E402
 
@@ -96,7 +96,7 @@ def test_sigterm_mid_job_keeps_the_lock_until_the_job_is_given_back(hub, tmp_pat
     given back (queued, attempt not counted, lease cleared) and the next run publishes it once. The daemon loop
     runs polled jobs, stops when idle on SIGTERM, and writes nothing but JSON log lines."""
     alice = HfApi(endpoint=hub.url, token=ALICE)
-    sha = push(alice, SOURCE, save_tiny(tiny_model("llama"), tmp_path / "src"))
+    sha = push(alice, SOURCE, tiny_source(tmp_path / "src"))
     config = write_config(tmp_path, hub.url)
     store, lock = JobStore(tmp_path / "bot.sqlite"), tmp_path / "bot.sqlite.lock"
     slow = hub.hub.faults.add(rf"^GET /api/models/{SOURCE}/revision/{sha}", None, count=1, delay_s=DELAY_S)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import shutil
 import threading
 from pathlib import Path
@@ -24,10 +23,9 @@ import yaml  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
-from bot_support import CHEAP, bot_config, commits, drain, jobs_of, post_hook, push, webhook_payload  # noqa: E402
-from conftest import hub_client_online, save_tiny, tiny_model  # noqa: E402
+from bot_support import (CHEAP, bot_config, commits, drain, jobs_of, json_log_file, online_on_one_thread,  # noqa: E402
+                         post_hook, push, tiny_source, webhook_payload)
 from hub_bot.local_hub import start_local_hub  # noqa: E402
-from hub_bot.logs import JsonFormatter, RedactingFilter  # noqa: E402
 from hub_bot.service import Bot  # noqa: E402
 
 ALICE = "hf_AliceGuardToken0123456789abcdefgh"
@@ -49,28 +47,15 @@ def variant(source: str) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def client_online():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with hub_client_online():
+    with online_on_one_thread():
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def log_records(tmp_path_factory):
     """Every log record of the module as JSON lines (through the bot's redacting filter)."""
-    path = tmp_path_factory.mktemp("logs") / "bot.jsonl"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RedactingFilter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield path
-    root.removeHandler(handler)
-    root.setLevel(level)
-    handler.close()
+    with json_log_file(tmp_path_factory.mktemp("logs") / "bot.jsonl") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +87,12 @@ def anonymous(hub):
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
-    folder = save_tiny(tiny_model("llama"), tmp_path_factory.mktemp("src-v1"))
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny source\n")
-    return folder
+    return tiny_source(tmp_path_factory.mktemp("src-v1"))
 
 
 @pytest.fixture(scope="module")
 def source_v2(tmp_path_factory):
-    folder = save_tiny(tiny_model("llama", seed=1), tmp_path_factory.mktemp("src-v2"))
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny source, new weights\n")
-    return folder
+    return tiny_source(tmp_path_factory.mktemp("src-v2"), seed=1, title="Tiny source, new weights")
 
 
 def watch_entries() -> list:

@@ -9,7 +9,6 @@ and a bot that is SIGKILLed mid-job to test the restart.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -28,13 +27,13 @@ from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
 import core  # noqa: E402
-from bot_support import CHEAP, commits, drain, jobs_of, push, subprocess_env, webhook_payload  # noqa: E402
+from bot_support import (CHEAP, commits, drain, jobs_of, json_log_file, online_on_one_thread, push,  # noqa: E402
+                         subprocess_env, tiny_source, webhook_payload)
 from bot_support import bot_config as config  # noqa: E402
 from bot_support import post_hook as _post_hook  # noqa: E402
-from conftest import hub_client_online, save_tiny, tiny_model  # noqa: E402
+from conftest import save_tiny, tiny_model  # noqa: E402
 from hub_bot.config import BotConfig  # noqa: E402
 from hub_bot.local_hub import start_local_hub  # noqa: E402
-from hub_bot.logs import JsonFormatter, RedactingFilter  # noqa: E402
 from hub_bot.service import Bot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,29 +52,15 @@ IDS = [[5, 17, 33, 120, 7, 300, 41, 2, 9, 64]]
 # -------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
 def client_online():
-    """Online client without Xet; one torch thread (tiny models on a shared, busy machine run faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with hub_client_online():
+    with online_on_one_thread():
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def log_file(tmp_path_factory):
-    """Every log record of the module as JSON lines, through the bot's redacting filter."""
-    path = tmp_path_factory.mktemp("logs") / "bot.jsonl"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RedactingFilter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield path
-    root.removeHandler(handler)
-    root.setLevel(level)
-    handler.close()
+    """Every log record of the module as JSON lines (through the bot's redacting filter)."""
+    with json_log_file(tmp_path_factory.mktemp("logs") / "bot.jsonl") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +86,7 @@ def reader(hub):
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
-    folder = save_tiny(tiny_model("llama"), tmp_path_factory.mktemp("tiny-src"))
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny source\n")
-    return folder
+    return tiny_source(tmp_path_factory.mktemp("tiny-src"))
 
 
 @pytest.fixture(scope="module")

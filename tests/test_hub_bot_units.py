@@ -2,6 +2,7 @@
 failure classification, redaction, and the pre-download checks."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -236,6 +237,25 @@ def test_check_source_architecture_and_content_key():
 
 
 # -------------------------------------------------------------------- command line
+@contextlib.contextmanager
+def logging_restored():
+    """Undo what the bot's entry points do to logging (root handler and level, library handlers, warnings)."""
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    logging.captureWarnings(False)
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        hf_logging.enable_default_handler()
+        hf_logging.disable_propagation()
+
+
 def test_cli_status_requeue_and_errors(tmp_path, capsys, monkeypatch):
     import yaml
     from huggingface_hub import constants
@@ -246,9 +266,7 @@ def test_cli_status_requeue_and_errors(tmp_path, capsys, monkeypatch):
     path.write_text(yaml.safe_dump(minimal(hub={"endpoint": "http://127.0.0.1:1", "token_env": "NO_SUCH_TOKEN_VAR"})))
     store = JobStore(tmp_path / "hub_bot.sqlite")
     job = store.get(store.enqueue(new_job())[0])
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
+    with logging_restored():
         assert main(["status", "--config", str(path)]) == 0
         assert "queued" in capsys.readouterr().out
         assert main(["requeue", "--config", str(path), str(job.id)]) == 1  # not failed
@@ -256,10 +274,6 @@ def test_cli_status_requeue_and_errors(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv("NO_SUCH_TOKEN_VAR", raising=False)
         assert main(["run", "--config", str(path), "--once"]) == 2
         assert "NO_SUCH_TOKEN_VAR" in capsys.readouterr().err
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def test_example_config_parses():
@@ -313,20 +327,11 @@ def test_library_warnings_go_through_the_json_log(capfd):
     from hub_bot.logs import setup_logging
 
     hf_logging.get_logger("transformers.modeling_utils")  # transformers has set up its own handler by now
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     stream = io.StringIO()
-    try:
+    with logging_restored():
         setup_logging("INFO", "json", stream=stream)
         hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
         warnings.warn("a python warning", UserWarning)
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-        root.setLevel(level)
-        logging.captureWarnings(False)
-        hf_logging.enable_default_handler()
-        hf_logging.disable_propagation()
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [r["logger"] for r in records] == ["transformers.modeling_utils", "py.warnings"]
     assert "a transformers warning" in records[0]["msg"] and "a python warning" in records[1]["msg"]
