@@ -244,12 +244,16 @@ def logging_restored():
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    for handler in handlers:  # e.g. left by other tests: the bot process starts without any
+        root.removeHandler(handler)
     logging.captureWarnings(False)
     try:
         yield
     finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
+        for handler in list(root.handlers):
             root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
         root.setLevel(level)
         logging.captureWarnings(False)
         hf_logging.enable_default_handler()
