@@ -193,6 +193,7 @@ class Bot:
 
     def app(self) -> FastAPI:
         app = FastAPI(title="Pruning bot", docs_url=None, redoc_url=None, openapi_url=None)
+
         @app.exception_handler(Exception)
         async def unexpected(request, err: Exception):  # logged as JSON like the rest, answered as JSON
             logger.error("unexpected error on %s %s: %s", request.method, request.url.path, classify(err).reason,

@@ -16,11 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from .access import Access
 from .config import BotConfig
 from .errors import classify
 from .payload import Ignored, InvalidPayload, Push, read_event
 from .planner import Planner, Source
-from .access import Access
 
 logger = logging.getLogger(__name__)
 
