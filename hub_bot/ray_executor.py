@@ -149,6 +149,8 @@ class RayExecutor:
                     job = self.store.claim(owner := ray_owner(), self.config.limits.lease_s, one_per_target=True)
                     if job is None:
                         break
+                    for stale in self._flights.values():  # this job's earlier task lost its lease: never its push
+                        stale.lost = stale.lost or stale.job.id == job.id
                     ended += self._dispatch(job, owner)
                 if not self._flights:
                     return ended
