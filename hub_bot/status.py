@@ -25,7 +25,8 @@ HIDDEN_NAME = "(private)"
 
 def _redacted(doc: dict) -> dict:
     out = dict(doc, source_repo=HIDDEN_NAME, source_sha="", target_repo=HIDDEN_NAME, recipe_hash="",
-               output_repo=None, output_commit=None, output_url=None, source_url=None, results=None)
+               output_repo=None, output_commit=None, output_url=None, source_url=None, results=None,
+               runner=None, progress=None)  # the memory asked for and the layer count would hint at the model
     out["error"] = "(hidden)" if doc.get("error") else None
     return out
 

@@ -39,6 +39,8 @@ ALICE = "hf_AliceRayToken0123456789abcdefghij"
 BOB = "hf_BobRayToken0123456789abcdefghijkl"
 BOT = "hf_BotRayToken0123456789abcdefghijkl"
 SECRET = "whsec-ray-0123456789"
+STATUS_TOKEN = "status-operator-ray-0123456789"
+OPERATOR = {"authorization": f"Bearer {STATUS_TOKEN}"}
 EVAL = {"max_tokens": 64, "max_length": 32, "speed": False}
 LIMITS = {"backoff_s": 0.5, "max_attempts": 3, "retry_after_max_s": 1.0, "inline_wait_max_s": 0.5, "lease_s": 60}
 QUARTER = {"method": "maw", "target": {"ratio": 0.25}}
@@ -104,7 +106,8 @@ def ray_bot(tmp: Path, hub_url: str, watch: list, hooks=None, **changes) -> Bot:
     # triggers: a webhook endpoint (no polling thread: the tests poll themselves, once)
     changes = {"limits": LIMITS, "evaluation": EVAL, "polling": None, "server": {"port": 0}, "webhook": {},
                "executor": RAY} | changes
-    return Bot(bot_config(tmp, hub_url, watch, **changes), token=BOT, webhook_secret=SECRET, hooks=hooks).start()
+    return Bot(bot_config(tmp, hub_url, watch, **changes), token=BOT, webhook_secret=SECRET,
+               status_token=STATUS_TOKEN, hooks=hooks).start()
 
 
 def in_background(fn, *args) -> threading.Thread:
@@ -161,7 +164,7 @@ def test_jobs_run_concurrently_on_ray_workers_and_each_variant_is_published_once
         assert len({j.target_repo for j in running.values()}) == 2  # never two jobs into one repo
 
         def located():
-            doc = httpx2.get(f"{bot.url}/status", timeout=30).json()
+            doc = httpx2.get(f"{bot.url}/status", headers=OPERATOR, timeout=30).json()
             shown = {j["id"]: j for j in doc["jobs"] if j["state"] == "running"}
             ok = all((shown[job].get("runner") or {}).get("pid") == pid
                      and (shown[job].get("progress") or {}).get("stage") == "downloaded" for job, pid in two)
@@ -170,7 +173,7 @@ def test_jobs_run_concurrently_on_ray_workers_and_each_variant_is_published_once
         for job, pid in two:
             assert shown[job]["runner"]["executor"] == "ray" and shown[job]["runner"]["node"]
             assert shown[job]["runner"]["asked"]["num_cpus"] == 1
-        page = httpx2.get(f"{bot.url}/", timeout=30).text
+        page = httpx2.get(f"{bot.url}/", headers=OPERATOR, timeout=30).text
         assert f"pid {two[0][1]}" in page and "downloaded" in page
         (gate / "release").touch()
         finish(runner)
@@ -186,6 +189,37 @@ def test_jobs_run_concurrently_on_ray_workers_and_each_variant_is_published_once
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=hub.url, token=BOB).model_info(variant(sources[1]))
     assert all(j.runner["executor"] == "ray" and j.runner["pid"] for j in jobs)
+
+
+def test_jobs_into_one_pull_request_never_run_at_the_same_time(cluster, hub, alice, source_dir, tmp_path):
+    """PR mode: two recipes of one source go to one pull request on the source; with a free worker, the second
+    job still waits for the first (no two pushes race into one PR), and both end in the one PR."""
+    repo = "alice/ray-pr"
+    sha = push(alice, repo, source_dir)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    bot = ray_bot(tmp_path / "bot", hub.url, [{"repo": repo, "publish": "pr", "recipes": [CHEAP, QUARTER]}],
+                  hooks={"downloaded": pause_at(gate)})
+    try:
+        assert bot.poller.poll_once() == 2
+        runner = in_background(bot.run_pending)
+        ((first, _),) = wait_until(lambda: arrivals(gate), what="the first job in its Ray task")
+        # the head claims every due job it has room for before any task gets this far: the other one waits
+        assert [(j.id, j.state) for j in bot.store.jobs("running")] == [(first, "running")]
+        assert len(bot.store.jobs("queued")) == 1
+        (gate / "release").touch()
+        finish(runner)
+        drain(bot)
+    finally:
+        bot.stop()
+    jobs = jobs_of(bot, repo)
+    assert [j.state for j in jobs] == ["done", "done"], [j.error for j in jobs]
+    prs = list(alice.get_repo_discussions(repo, discussion_type="pull_request"))
+    assert [(p.num, p.author, p.status) for p in prs] == [(1, "pruning-bot", "open")]
+    assert {j.output_url for j in jobs} == {f"{hub.url}/{repo}/discussions/1"}
+    files = alice.list_repo_files(repo, revision="refs/pr/1")
+    assert {"pruned/maw-50pct/config.json", "pruned/maw-25pct/config.json"} <= set(files), files
+    assert len(commits(alice, repo, "refs/pr/1")) == len(commits(alice, repo, sha)) + 2
 
 
 # -------------------------------------------------------------------- faults
