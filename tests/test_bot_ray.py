@@ -132,6 +132,15 @@ def finish(thread: threading.Thread, timeout: float = 300) -> None:
         raise thread.errors[0]
 
 
+def done_once_on_retry(bot: Bot, bot_api: HfApi, repo: str, sha: str, results: dict | None = None):
+    """The job of `repo` ended done on its second attempt, and its variant holds one commit from the bot."""
+    (job,) = jobs_of(bot, repo)
+    assert (job.state, job.attempts) == ("done", 2), job.error
+    assert results is None or job.results == results
+    assert commits(bot_api, variant(repo)) == [f"maw-50pct of {repo}@{sha[:10]}", "initial commit"]
+    return job
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -234,10 +243,7 @@ def test_a_worker_killed_after_its_push_leaves_the_job_done_once(cluster, hub, a
         drain(bot, timeout=300)
     finally:
         bot.stop()
-    (job,) = jobs_of(bot, repo)
-    assert (job.state, job.attempts) == ("done", 2), job.error
-    assert job.results == {"note": "already published"}
-    assert commits(bot_api, variant(repo)) == [f"maw-50pct of {repo}@{sha[:10]}", "initial commit"]
+    done_once_on_retry(bot, bot_api, repo, sha, results={"note": "already published"})
 
 
 def test_a_task_whose_lease_was_taken_back_never_pushes(cluster, hub, alice, bot_api, source_dir, tmp_path):
@@ -261,10 +267,8 @@ def test_a_task_whose_lease_was_taken_back_never_pushes(cluster, hub, alice, bot
         drain(bot)
     finally:
         bot.stop()
-    (job,) = jobs_of(bot, repo)
-    assert (job.state, job.attempts) == ("done", 2), job.error
+    job = done_once_on_retry(bot, bot_api, repo, sha)
     assert job.results.get("params_after")  # the second task built and pushed it
-    assert commits(bot_api, variant(repo)) == [f"maw-50pct of {repo}@{sha[:10]}", "initial commit"]
 
 
 HEAD = """
@@ -320,7 +324,4 @@ def test_a_restarted_head_runs_the_dead_heads_jobs_again_and_publishes_nothing_t
         drain(bot, timeout=300)
     finally:
         bot.stop()
-    (job,) = jobs_of(bot, repo)
-    assert (job.state, job.attempts) == ("done", 2), job.error
-    assert job.results == {"note": "already published"}
-    assert commits(bot_api, variant(repo)) == [f"maw-50pct of {repo}@{sha[:10]}", "initial commit"]
+    done_once_on_retry(bot, bot_api, repo, sha, results={"note": "already published"})

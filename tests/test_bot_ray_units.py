@@ -145,3 +145,34 @@ def test_an_unreachable_cluster_is_a_clear_error_at_start(tmp_path):
     finally:
         hub.stop()
     assert not ray.is_initialized()
+
+
+# -------------------------------------------------------------------- the job store's part
+def test_store_claims_one_job_per_target_and_takes_reports_from_the_holder_only(tmp_path):
+    import sqlite3
+
+    from hub_bot.store import _COLUMNS, JobStore, NewJob
+
+    def job(recipe: str, target: str) -> NewJob:
+        return NewJob(source_repo="alice/llama", source_sha="a" * 40, recipe_hash=recipe, recipe_name=recipe,
+                      recipe_yaml="method: maw\n", publish="pr", target_repo=target)
+
+    path = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(path) as conn:  # a database of schema 2 (before runner and progress)
+        columns = "\n".join(ln for ln in _COLUMNS.splitlines() if not ln.strip().startswith(("runner", "progress")))
+        conn.execute(f"CREATE TABLE jobs ({columns})")
+        conn.execute("PRAGMA user_version = 2")
+    store = JobStore(path)
+    for recipe, target in (("r1", "alice/llama"), ("r2", "Alice/Llama"), ("r3", "pruners/other")):
+        store.enqueue(job(recipe, target))
+    first = store.claim("ray:a", 60, one_per_target=True)
+    second = store.claim("ray:b", 60, one_per_target=True)
+    assert (first.recipe_name, second.recipe_name) == ("r1", "r3")  # r2 waits: its target (any case) is busy
+    assert store.claim("ray:c", 60, one_per_target=True) is None
+    assert store.claim("local:x", 60).recipe_name == "r2"  # one job at a time needs no such rule
+    assert store.report(first.id, "ray:a", runner={"node": "10.0.0.7"}, progress={"stage": "pruned"})
+    assert not store.report(first.id, "ray:b", progress={"stage": "stale"})  # not the lease holder
+    shown = store.get(first.id)
+    assert (shown.runner, shown.progress) == ({"node": "10.0.0.7"}, {"stage": "pruned"})
+    assert store.finish(first.id, "ray:a", "alice/llama", None, None, {})
+    assert store.get(first.id).public()["progress"] is None and store.get(first.id).runner == {"node": "10.0.0.7"}
