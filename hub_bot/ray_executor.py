@@ -135,6 +135,11 @@ class RayExecutor:
             logger.info("connected to the Ray cluster at %s", address)
         self._own_ray = True
 
+    @property
+    def in_flight(self) -> int:
+        """Tasks submitted (or about to be) whose outcome the head has not recorded yet."""
+        return len(self._flights)
+
     # ---------------------------------------------------------------- the loop
     def run_pending(self) -> int:
         """Dispatch due jobs as capacity allows and record outcomes until nothing is due or in flight (or, after

@@ -117,8 +117,9 @@ def tiny_source(folder: Path, seed: int = 0, title: str = "Tiny source") -> Path
 
 # -------------------------------------------------------------------- hooks that run inside Ray tasks (picklable)
 def pause_at(folder: Path, timeout: float = 600):
-    """A hook that writes `folder/arrived-<job>-<pid>` and waits until `folder/release` exists: the test sees
-    where the job is, and what runs at the same time, before it lets the job go on."""
+    """A hook that writes `folder/arrived-<job>-<pid>` and waits until `folder/release` (every job) or
+    `folder/release-<attempt>` (the jobs on that attempt) exists: the test sees where the job is, and what runs at
+    the same time, before it lets the job go on."""
     return functools.partial(_pause, str(folder), timeout)
 
 
@@ -126,7 +127,7 @@ def _pause(folder: str, timeout: float, job) -> None:
     path = Path(folder)
     (path / f"arrived-{job.id}-{os.getpid()}").write_text(str(job.attempts))
     deadline = time.monotonic() + timeout
-    while not (path / "release").exists():
+    while not ((path / "release").exists() or (path / f"release-{job.attempts}").exists()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path / 'release'} never appeared")
         time.sleep(0.1)
