@@ -84,17 +84,10 @@ def _txt_pieces(path: Path) -> Iterator[tuple[str, bool]]:
     try:
         with path.open(encoding="utf-8") as fh:
             carry = ""
-            while True:
-                block = fh.read(PIECE_CHARS)
-                if not block:
-                    break
-                text = carry + block
-                cut = max(text.rfind(" "), text.rfind("\n")) + 1
-                if cut <= 0 or len(text) - cut > PIECE_CHARS // 2:
-                    cut = len(text)  # no whitespace near the end: cut anywhere
-                carry = text[cut:]
-                if text[:cut]:
-                    yield text[:cut], False
+            while block := fh.read(PIECE_CHARS):
+                *done, carry = _split(carry + block)
+                for piece in done:
+                    yield piece, False
             yield carry, True
     except UnicodeDecodeError:
         raise _not_utf8(path) from None

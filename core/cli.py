@@ -276,6 +276,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .model_io import LoadOptions, build_empty, load_config, resolve_model_name
     from .params import count_parameters
 
+    _check_load_args(args)
     name = resolve_model_name(args.model)
     opts = LoadOptions(revision=args.revision, trust_remote_code=bool(args.trust_remote_code))
     config = load_config(name, opts)
@@ -320,7 +321,7 @@ def _evaluate(name: str | None, args: argparse.Namespace):
                        device_map=args.device_map, allow_pickle=bool(args.allow_pickle),
                        trust_remote_code=bool(args.trust_remote_code))
     model, tokenizer = load_model(path, opts)
-    result = {"model": public_model_name(name or path), "parameters": count_parameters(model, spec_for_config(
+    result = {"model": name or public_model_name(path), "parameters": count_parameters(model, spec_for_config(
         model.config))["total"], "weight_bytes": weight_bytes(model), "disk_bytes": folder_bytes(path)}
     if not args.no_ppl:
         ppl = perplexity_of_file(model, tokenizer, args.ppl, max_length=args.max_length, stride=args.stride,
@@ -341,7 +342,7 @@ def _speed(models: list, args: argparse.Namespace) -> list[dict]:
 
     sizes = dict(prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
                  repeats=args.repeats, warmup=args.warmup)
-    progress = Progress(bars=_bars(args))
+    progress = Progress(bars=_bars(args), unit="round")
     try:
         if len(models) == 1:
             return [measure_speed(models[0], progress=progress.update, **sizes)]
@@ -387,7 +388,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         ratios = {"parameters": a["parameters"] / b["parameters"], "weight_bytes": a["weight_bytes"] / b["weight_bytes"]}
         if not args.no_ppl:
             ratios["perplexity"] = a["perplexity"]["perplexity"] / b["perplexity"]["perplexity"]
-        parts = [f"{k} x{v:.3f}" for k, v in ratios.items()]
+        parts = [f"{k.replace('_', ' ')} x{v:.3f}" for k, v in ratios.items()]
         if args.speed:
             speed = compare_timings(b["speed"], a["speed"])
             payload["speed"] = speed

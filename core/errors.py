@@ -94,7 +94,7 @@ def describe_failure(err: BaseException) -> tuple[str, int] | None:
     if isinstance(err, OSError) and err.errno in _PERMISSION:
         return (f"No permission to access {err.filename or 'a file'} ({err.strerror}). Check its permissions or "
                 "choose another --out folder."), 1
-    if type(err).__name__ == "SafetensorError" and "serializ" in text:
+    if type(err).__name__ == "SafetensorError" and "while serializing" in text:
         return f"Writing the weights failed ({text}). Check the --out folder's disk and permissions.", 1
     if type(err).__name__ == "SafetensorError":
         return (f"A weights file could not be read ({text}): it is damaged, truncated or not safetensors. "

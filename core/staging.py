@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -100,8 +101,11 @@ def check_target(out_dir: str | os.PathLike, overwrite: bool = False, protect: t
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise EnvironmentFailure(f"Cannot create {out}: {ancestor} is not a folder. Choose another --out.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise EnvironmentFailure(f"Cannot write into {ancestor} (no permission). Choose another --out folder.")
+    try:  # really try: permissions say nothing for root, read-only mounts or special file systems
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=ancestor))
+    except OSError as err:
+        raise EnvironmentFailure(f"Cannot write into {ancestor} ({err.strerror}). Choose another --out "
+                                 "folder.") from None
     return out
 
 
