@@ -32,7 +32,8 @@ Shapes (plain JSON-able dicts):
 
 `speedup` > 1 means the pruned (second) model is faster; low/high are the quartiles of the per-round ratios
 (their extremes with fewer than 4 rounds), or for unpaired measurements the most pessimistic and optimistic
-ratios of the two models' quartiles. Compare models measured in the same run; read absolute times only from an
+ratios of the two models' quartiles. With fewer than `MIN_ROUNDS` timed rounds there is no spread to judge by, and
+the verdict is "not measurable here" too. Compare models measured in the same run; read absolute times only from an
 accelerator.
 """
 from __future__ import annotations
@@ -191,7 +192,12 @@ def _label(key: str, speed: dict) -> str:
     return f"decode time (batch {key.removeprefix('decode_b')}, {speed.get('new_tokens', '?')} tokens)"
 
 
-def verdict(low: float, high: float) -> str:
+MIN_ROUNDS = 3  # fewer timed rounds give no spread to compare the effect with
+
+
+def verdict(low: float, high: float, rounds: int = MIN_ROUNDS) -> str:
+    if rounds < MIN_ROUNDS:
+        return NOT_MEASURABLE
     return "faster" if low > 1 else "slower" if high < 1 else NOT_MEASURABLE
 
 
@@ -217,8 +223,9 @@ def compare_timings(base: dict, pruned: dict) -> dict:
             speedup = {"median": ratios["median"], "low": ratios["q1"], "high": ratios["q3"]}
         else:
             speedup = {"median": b["median"] / p["median"], "low": b["q1"] / p["q3"], "high": b["q3"] / p["q1"]}
+        rounds = min(len(b["samples"]), len(p["samples"]))
         entry = {"label": _label(key, pruned), "base": b, "pruned": p, "speedup": speedup,
-                 "verdict": verdict(speedup["low"], speedup["high"])}
+                 "verdict": verdict(speedup["low"], speedup["high"], rounds)}
         entry["text"] = speedup_text(entry)
         metrics[key] = entry
     return {"paired": paired, "metrics": metrics}
