@@ -150,9 +150,15 @@ class Comparison:
                  f"{r['weight_bytes'] - 1:+.1%}")]
         if "perplexity" in r:
             rows.append(("perplexity", f"{b.perplexity:.2f}", f"{p.perplexity:.2f}", f"x{r['perplexity']:.2f}"))
-        for entry in (self.speed or {"metrics": {}})["metrics"].values():
-            rows.append((f"{entry['label']} (ms)", timing_text(entry["base"]), timing_text(entry["pruned"]),
-                         entry["text"]))
+        tokens = (self.pruned.speed or {}).get("new_tokens", 1)
+        for key, entry in (self.speed or {"metrics": {}})["metrics"].items():
+            if key == "prefill":
+                rows.append(("prefill latency (ms)", timing_text(entry["base"]), timing_text(entry["pruned"]),
+                             entry["text"]))
+            else:
+                batch = int(key.removeprefix("decode_b"))
+                rows.append((f"decode tokens/s (batch {batch})", rate_text(entry["base"], batch * tokens),
+                             rate_text(entry["pruned"], batch * tokens), entry["text"]))
         for task, metrics in (b.lm_eval or {}).items():
             for metric, value in metrics.items():
                 after = (p.lm_eval or {}).get(task, {}).get(metric)
@@ -198,6 +204,11 @@ def compare(base_model, pruned_model, tokenizer, settings: EvalSettings = EvalSe
 def timing_text(s: dict) -> str:
     """'12.3 ± 0.4' (median ± half the interquartile range, milliseconds)."""
     return f"{1e3 * s['median']:,.1f} ± {1e3 * (s['q3'] - s['q1']) / 2:,.1f}"
+
+
+def rate_text(s: dict, tokens: int) -> str:
+    """'78 ± 3' tokens per second from timings of `tokens` tokens (median ± half the interquartile range)."""
+    return f"{tokens / s['median']:,.0f} ± {(tokens / s['q1'] - tokens / s['q3']) / 2:,.0f}"
 
 
 def speed_note(speed: dict | None, comparison: dict | None) -> str:
