@@ -41,6 +41,17 @@ class Case:
 
 
 P = ["prune", "{w}/src", "--out", "{d}/out"]
+
+
+def option_case(method: str, option: str, expect: str) -> Case:
+    return Case(f"option {option}", P + ["--method", method, "--ratio", "0.25", "--option", option], expect=expect)
+
+
+def calib_case(name: str, source: str, expect: str) -> Case:
+    return Case(name, P + ["--method", "mlp_width", "--score", "activation", "--ratio", "0.5", "--calib", source],
+                expect=expect)
+
+
 CASES = [
     Case("unknown method", P + ["--method", "mlp_widht", "--ratio", "0.5"], expect="Did you mean 'mlp_width'?"),
     Case("no method", P + ["--ratio", "0.5"], expect="No method given"),
@@ -53,14 +64,10 @@ CASES = [
     Case("depth ratio below one block", P + ["--method", "depth", "--ratio", "0.05"], expect="0.25 (1 of 4)"),
     Case("width of the whole MLP", P + ["--method", "maw", "--width", "96"], expect="removes nothing"),
     Case("bad target count", P + ["--method", "maw", "--target-params", "lots"], expect="not a parameter count"),
-    Case("option not an integer", P + ["--method", "depth", "--ratio", "0.25", "--option", "samples=abc"],
-         expect="Option samples must be integer >= 2"),
-    Case("option not a bool", P + ["--method", "depth", "--ratio", "0.25", "--option", "iterative=maybe"],
-         expect="Option iterative must be true/false"),
-    Case("option not a number", P + ["--method", "slimllm", "--ratio", "0.25", "--option", "alpha=abc"],
-         expect="Option alpha must be number or null > 0"),
-    Case("option not a list", P + ["--method", "depth", "--ratio", "0.25", "--option", "layers=abc"],
-         expect="Option layers must be list of int"),
+    option_case("depth", "samples=abc", "Option samples must be integer >= 2"),
+    option_case("depth", "iterative=maybe", "Option iterative must be true/false"),
+    option_case("slimllm", "alpha=abc", "Option alpha must be number or null > 0"),
+    option_case("depth", "layers=abc", "Option layers must be list of int"),
     Case("layers flag not a list", P + ["--method", "depth", "--ratio", "0.25", "--layers", "a,b"],
          expect="expected whole numbers separated by commas"),
     Case("unknown option", P + ["--method", "attention_heads", "--ratio", "0.5", "--option", "mdoe=query"],
@@ -90,16 +97,11 @@ CASES = [
     Case("binary recipe", ["prune", "--recipe", "{w}/binary.yaml", "--out", "{d}/out"], expect="not a UTF-8 text"),
     Case("missing recipe", ["prune", "--recipe", "{w}/none.yaml", "--out", "{d}/out"], expect="Cannot read recipe"),
     Case("recipe is a folder", ["prune", "--recipe", "{w}/src", "--out", "{d}/out"], expect="is a folder"),
-    Case("missing calibration", P + ["--method", "mlp_width", "--score", "activation", "--ratio", "0.5", "--calib",
-                                     "{w}/none.txt"], expect="does not exist"),
-    Case("calibration folder", P + ["--method", "mlp_width", "--score", "activation", "--ratio", "0.5", "--calib",
-                                    "{w}"], expect="is a folder"),
-    Case("calibration not UTF-8", P + ["--method", "mlp_width", "--score", "activation", "--ratio", "0.5",
-                                       "--calib", "{w}/latin1.jsonl"], expect="not UTF-8"),
-    Case("calibration bad JSON", P + ["--method", "mlp_width", "--score", "activation", "--ratio", "0.5",
-                                      "--calib", "{w}/bad.jsonl"], expect="is not valid JSON"),
-    Case("calibration empty", P + ["--method", "mlp_width", "--score", "activation", "--ratio", "0.5", "--calib",
-                                   "{w}/empty.txt"], expect="has 0 tokens"),
+    calib_case("missing calibration", "{w}/none.txt", "does not exist"),
+    calib_case("calibration folder", "{w}", "is a folder"),
+    calib_case("calibration not UTF-8", "{w}/latin1.jsonl", "not UTF-8"),
+    calib_case("calibration bad JSON", "{w}/bad.jsonl", "is not valid JSON"),
+    calib_case("calibration empty", "{w}/empty.txt", "has 0 tokens"),
     Case("existing output", P + ["--method", "maw", "--ratio", "0.5"], setup="out", keep=["out"],
          expect="already exists"),
     Case("overwrite the input model", ["prune", "{d}/model", "--method", "maw", "--ratio", "0.5", "--out",
