@@ -1,20 +1,16 @@
-"""Command line: `python -m core prune|inspect|methods`. Flags map onto the same Recipe the Space and bot use."""
+"""Command line: `python -m core prune|inspect|eval|methods`. Flags map onto the same Recipe the Space and bot use."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import re
-import signal
 import sys
-import threading
-import traceback
-import warnings
 from pathlib import Path
 
 from . import checks
-from .errors import Interrupted, RecipeError, describe_failure
+from .entry import configure_output, guarded
+from .errors import RecipeError
 
 logger = logging.getLogger("core")
 
@@ -431,65 +427,10 @@ def cmd_methods(args: argparse.Namespace) -> None:
 COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "eval": cmd_eval, "methods": cmd_methods}
 
 
-# -- entry point: logging, signals, errors ----------------------------------------------------------------------------
+# -- entry point -----------------------------------------------------------------------------------------------------
 
 def _bars(args: argparse.Namespace) -> bool:
     return not (args.quiet or getattr(args, "json", False))
-
-
-def _configure_output(args: argparse.Namespace) -> None:
-    """Our INFO lines in a normal run; libraries' warnings, per-layer notices and progress bars only with --debug
-    (bars also in a normal run, not with -q or --json)."""
-    level = logging.WARNING if args.quiet or getattr(args, "json", False) else logging.INFO
-    logging.basicConfig(level=logging.DEBUG if args.debug else level, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
-    logging.getLogger("core").setLevel(logging.DEBUG if args.debug else level)
-    if args.debug:
-        return
-    warnings.filterwarnings("ignore")
-    for name in ("transformers", "lm_eval", "lm-eval", "datasets", "huggingface_hub", "accelerate", "urllib3",
-                 "httpx", "filelock", "torch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with contextlib.suppress(Exception):
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        if not _bars(args):
-            transformers.logging.disable_progress_bar()
-    if not _bars(args):
-        with contextlib.suppress(Exception):
-            from huggingface_hub.utils import disable_progress_bars
-
-            disable_progress_bars()
-
-
-@contextlib.contextmanager
-def _signals_raise():
-    """SIGINT and SIGTERM raise `Interrupted` (so that temporary output is removed on the way out); a second signal
-    while cleaning up is ignored. Only in the main thread (signal handlers cannot be set elsewhere)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired: list[int] = []
-
-    def handler(signum, frame):
-        if fired:
-            return
-        fired.append(signum)
-        raise Interrupted(signum, signal.Signals(signum).name)
-
-    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
-
-
-def _fail(message: str, code: int) -> int:
-    first = " ".join(str(message).split()) or "failed"
-    sys.stderr.write(f"error: {first}\n")
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,26 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     Exit status: 0 done, 2 bad input, 1 environment failure or bug, 130 / 143 interrupted by SIGINT / SIGTERM.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    with _signals_raise():
-        try:
-            args = build_parser().parse_args(argv)
-            _configure_output(args)
-            COMMANDS[args.command](args)
-        except Interrupted as err:
-            sys.stderr.write(f"\ninterrupted ({err.name}): stopped; nothing half-written was left behind\n")
-            return err.exit_code
-        except KeyboardInterrupt:
-            sys.stderr.write("\ninterrupted (SIGINT): stopped; nothing half-written was left behind\n")
-            return 130
-        except SystemExit as exc:  # --help, --version
-            return exc.code if isinstance(exc.code, int) else 0
-        except Exception as err:
-            if debug:
-                traceback.print_exc()
-            known = describe_failure(err)
-            if known:
-                return _fail(*known)
-            return _fail(f"unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} -- "
-                         "this is a bug; re-run with --debug and report the traceback.", 1)
-    return 0
+
+    def run() -> None:
+        args = build_parser().parse_args(argv)
+        configure_output(quiet=args.quiet or getattr(args, "json", False), debug=args.debug, bars=_bars(args))
+        COMMANDS[args.command](args)
+
+    return guarded(run, debug="--debug" in argv)
