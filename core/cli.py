@@ -350,7 +350,7 @@ def _speed(models: list, args: argparse.Namespace) -> list[dict]:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Numbers of MODEL, and with --compare REF those of REF next to them and MODEL relative to REF."""
-    from .speed import compare_timings, NOT_MEASURABLE
+    from .speed import compare_timings, speed_ratios
 
     _check_eval_args(args)
     results, models = [], []
@@ -386,12 +386,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             ratios["perplexity"] = a["perplexity"]["perplexity"] / b["perplexity"]["perplexity"]
         parts = [f"{k.replace('_', ' ')} x{v:.3f}" for k, v in ratios.items()]
         if args.speed:
-            speed = compare_timings(b["speed"], a["speed"])
-            payload["speed"] = speed
-            for key, entry in speed["metrics"].items():
-                if entry["verdict"] != NOT_MEASURABLE:
-                    ratios[f"{key}_speedup"] = entry["speedup"]["median"]
-                parts.append(f"{entry['label']}: {entry['text']}")
+            payload["speed"] = compare_timings(b["speed"], a["speed"])
+            ratios.update(speed_ratios(b["speed"], a["speed"], measurable_only=True))
+            parts += [f"{entry['label']}: {entry['text']}" for entry in payload["speed"]["metrics"].values()]
         payload["ratios"] = ratios
         lines.append(f"{a['model']} relative to {b['model']}:")
         lines += [f"  {part}" for part in parts]

@@ -28,7 +28,8 @@ from huggingface_hub import EvalResult
 from .architectures import spec_for_config
 from .evaluate import perplexity_of_file
 from .params import count_parameters
-from .speed import NOT_MEASURABLE, ProgressCallback, compare_timings, measure_pair, measure_speed, weight_bytes
+from .speed import (NOT_MEASURABLE, ProgressCallback, compare_timings, measure_pair, measure_speed, speed_ratios,
+                    weight_bytes)
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +133,8 @@ class Comparison:
         out = {"params": p.params / b.params, "weight_bytes": p.weight_bytes / b.weight_bytes}
         if b.perplexity and p.perplexity:
             out["perplexity"] = p.perplexity / b.perplexity
-        for key, entry in (self.speed or {"metrics": {}})["metrics"].items():
-            if entry["verdict"] != NOT_MEASURABLE:
-                name = "prefill_speedup" if key == "prefill" else f"decode_speedup_batch{key.removeprefix('decode_b')}"
-                out[name] = entry["speedup"]["median"]
+        if b.speed and p.speed:
+            out.update(speed_ratios(b.speed, p.speed, measurable_only=True))
         return out
 
     def to_dict(self) -> dict:
