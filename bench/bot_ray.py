@@ -32,6 +32,7 @@ import os
 import platform
 import secrets
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         hub.stop()
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             sys.modules["ray"].shutdown()
+        shutil.rmtree(work, ignore_errors=True)
     by = {r["phase"]: r for r in rows}
     ratios = {f"{p}/{q}": round(by[p]["drain_s"] / by[q]["drain_s"], 3)
               for p, q in (("ray-warm", "local-warm"), ("ray", "local")) if {p, q} <= set(by)}
