@@ -39,3 +39,7 @@ class RecipeError(PruningError, ValueError):
 
 class OutputExistsError(PruningError, FileExistsError):
     """The output folder already exists and overwriting was not asked for."""
+
+
+class DiskFullError(PruningError, OSError):
+    """The output does not fit on the disk (checked before each write, and reported when a write runs out)."""

@@ -44,13 +44,32 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def temp_folder(out: Path) -> Path:
+    """The temporary folder an output is written in, next to it (renamed to `out` at the end). Not created here:
+    the caller's mkdir honours the umask (tempfile.mkdtemp's 0700 mode would stay on the final folder)."""
+    return out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _is_temp_of(folder: Path | None, out: Path) -> bool:
+    return folder is not None and folder.parent == out.parent and folder.name.startswith(f".{out.name}.") \
+        and folder.name.endswith(".tmp")
+
+
 def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool = False,
                 max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None) -> Path:
-    """Write the pruned model to `out_dir` atomically. Returns the final path."""
+    """Write the pruned model to `out_dir` atomically. Returns the final path.
+
+    A streamed result (see core.streaming) already wrote its changed blocks, into the temporary folder of this
+    output when `run_recipe` was given it: that folder is completed and moved into place, and the result's
+    model then streams from the output."""
     out = check_output(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the final folder; mkdir honours the umask
+    stream = getattr(result.model, "core_stream", None)
+    if stream is not None and _is_temp_of(stream.work, out):
+        tmp = stream.work
+    else:
+        tmp = temp_folder(out)
+        tmp.mkdir()
     try:
         _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {})
         if out.exists():
@@ -62,7 +81,14 @@ def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if stream is not None:  # its written blocks may have moved into the deleted folder
+            stream.close()
         raise
+    if stream is not None:
+        work = stream.work
+        stream.reopen(out)
+        if work is not None and work != tmp:
+            shutil.rmtree(work, ignore_errors=True)
     logger.info("wrote %s", out)
     return out
 
@@ -70,6 +96,9 @@ def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool
 def _save_weights(model, folder: Path, max_shard_size: str) -> None:
     """save_pretrained (always safetensors in transformers 5) in the source checkpoint's dtype when it is known:
     a bf16 model pruned in float32 on a CPU is written back in bf16. The in-memory model keeps its own tensors."""
+    if getattr(model, "core_stream", None) is not None:
+        _save_streamed(model, folder, max_shard_size)
+        return
     target = getattr(model, "source_dtype", None)
     params = [p for p in model.parameters() if p.is_floating_point()]  # tied weights appear once
     if target is None or not params or all(p.dtype == target for p in params):
@@ -84,6 +113,25 @@ def _save_weights(model, folder: Path, max_shard_size: str) -> None:
         for p, data in zip(params, originals):
             p.data = data
         model.config.dtype = originals[0].dtype
+
+
+def _save_streamed(model, folder: Path, max_shard_size: str) -> None:
+    """A streamed model's shards (one per decoder block, see BlockStore.write_weights), config and generation
+    config, as save_pretrained would write them."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    model.core_stream.write_weights(folder, convert_file_size_to_int(max_shard_size))
+    config = model.config
+    saved = config.dtype, config.architectures
+    config.architectures = [type(model).__name__]
+    if model.source_dtype is not None:
+        config.dtype = model.source_dtype
+    try:
+        config.save_pretrained(folder)
+    finally:
+        config.dtype, config.architectures = saved
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
 
 
 def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from .architectures import ArchSpec, spec_for_config
 from .errors import ModelLoadError, RecipeError, UnknownNameError
 from .layer_config import layer_shapes
 from .methods import METHODS, PruneContext
-from .model_io import LoadOptions, load_model, resolve_model_name
+from .model_io import LoadOptions, can_stream, load_model, resolve_model_name
 from .params import count_parameters
 from .progress import Progress, ProgressCallback
 from .recipe import Recipe
@@ -103,21 +103,27 @@ def _hub_revision(name: str, revision: str | None) -> str | None:
 
 
 def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallback | None = None,
-          bars: bool = False, base_model: str | None = None) -> PruneResult:
-    """Prune `model` in place according to `recipe`."""
+          bars: bool = False, base_model: str | None = None, offload_hidden: bool = False) -> PruneResult:
+    """Prune `model` in place according to `recipe`. A streamed model (`LoadOptions(stream=True)`) is pruned one
+    block at a time; its changed blocks wait on disk until `save_pruned`. `offload_hidden` keeps the calibration
+    hidden states in CPU memory between blocks (for many calibration tokens on a GPU)."""
     recipe = normalize(recipe)
     spec = spec_for_config(model.config)
     method = METHODS.get(recipe.method)
-    if any(p.is_meta for p in model.parameters()):
+    stream = getattr(model, "core_stream", None)
+    if stream is None and any(p.is_meta for p in model.parameters()):
         raise ModelLoadError("Some weights were offloaded to disk by the device map (they sit on 'meta'); pruning "
                              "needs every weight in CPU or GPU memory. Give the device map enough CPU memory "
                              "(max_memory) instead of disk offload.")
     prog = Progress(progress, bars)
-    ctx = PruneContext(model, tokenizer, spec, recipe, prog)
+    ctx = PruneContext(model, tokenizer, spec, recipe, prog, store_device="cpu" if offload_hidden else None)
     before = count_parameters(model, spec)
     start = time.perf_counter()
     try:
         report = method.run(ctx)
+        if stream is not None:  # the last block's changes reach the disk; the head leaves memory
+            stream.release()
+            stream.drop_head()
     finally:
         prog.close()
     seconds = time.perf_counter() - start
@@ -143,12 +149,33 @@ def _check_target(recipe: Recipe, before: int, after: int) -> None:
                        f"{wanted:,}", f"{removed:,}", 100 * (removed - wanted) / wanted)
 
 
-def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False) -> PruneResult:
-    """Load the recipe's model and prune it."""
+def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False,
+               stream: bool | None = None, out_dir: str | Path | None = None,
+               offload_hidden: bool = False) -> PruneResult:
+    """Load the recipe's model and prune it.
+
+    By default the model streams (one decoder block in memory at a time, see core.streaming) whenever it can:
+    safetensors weights and no device map; `stream=False` loads it whole, `stream=True` insists on streaming.
+    A streamed run writes its changed blocks as it goes: into the temporary folder of `out_dir` when given (the
+    folder `save_pruned(result, out_dir)` then moves into place), else into a temporary folder of its own; both
+    are removed if the run fails.
+    """
     recipe = normalize(recipe)
     name = resolve_model_name(recipe.model)
     load = recipe.load
     opts = LoadOptions(revision=recipe.revision, dtype=load.dtype, device=load.device, device_map=load.device_map,
                        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)
-    model, tokenizer = load_model(name, opts)
-    return prune(model, tokenizer, recipe, progress, bars, base_model=recipe.model or name)
+    streamed = can_stream(name, opts) if stream is None else stream
+    model, tokenizer = load_model(name, replace(opts, stream=streamed))
+    store = getattr(model, "core_stream", None)
+    try:
+        if store is not None and out_dir is not None:
+            from .export import temp_folder
+
+            store.use_work_folder(temp_folder(Path(out_dir).resolve()))
+        return prune(model, tokenizer, recipe, progress, bars, base_model=recipe.model or name,
+                     offload_hidden=offload_hidden)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
