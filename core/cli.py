@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import PruningError, RecipeError
@@ -47,8 +49,13 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="Hub id or local folder (default: the shipped reference model)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub model")
     p.add_argument("--dtype", help="auto (default), float32, bfloat16, float16")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--device-map", help="e.g. 'auto' to spread a large model over devices / CPU")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... or auto (default: cuda when available)")
+    p.add_argument("--device-map", help="e.g. 'auto' to spread a large model over devices / CPU (loads it whole)")
+    s = p.add_mutually_exclusive_group()
+    s.add_argument("--stream", action="store_true", default=None,
+                   help="keep the weights on disk and load one decoder block at a time (prune: the default)")
+    s.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="load the whole model in memory (eval: the default when it fits)")
     p.add_argument("--allow-pickle", action="store_true", default=None, help="accept *.bin pickle weights")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="run the repository's own modeling code (only for repositories you trust)")
@@ -90,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of random scores")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB; a streamed "
+                                                           "prune writes one shard per decoder block)")
+    p.add_argument("--offload-hidden", action="store_true",
+                   help="keep calibration hidden states in CPU memory between blocks (many tokens on a GPU)")
 
     i = sub.add_parser("inspect", help="architecture and parameter counts (no weights are loaded)")
     _add_load_args(i)
@@ -181,7 +191,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     recipe = _recipe_from_args(args)
     check_output(args.out, args.overwrite)  # fail before a long pruning run, not after it
-    result = run_recipe(recipe, bars=not args.quiet and not args.json)
+    result = run_recipe(recipe, bars=not args.quiet and not args.json, stream=args.stream, out_dir=args.out,
+                        offload_hidden=args.offload_hidden)
     out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     summary = result.summary()
     lines = [
@@ -237,26 +248,36 @@ def _evaluate(name: str | None, args: argparse.Namespace) -> dict:
     from .evaluate import perplexity_of_file
     from .model_io import LoadOptions, load_model, resolve_model_name
     from .params import count_parameters
+    from .memory import model_too_big, too_big_for_memory
     from .speed import folder_bytes, measure_speed, weight_bytes
+    from .streaming import is_streamed
 
     name = resolve_model_name(name)
     opts = LoadOptions(revision=args.revision, dtype=args.dtype or "auto", device=args.device,
                        device_map=args.device_map, allow_pickle=bool(args.allow_pickle),
                        trust_remote_code=bool(args.trust_remote_code))
-    model, tokenizer = load_model(name, opts)
+    too_big = too_big_for_memory(name, opts)
+    model, tokenizer = load_model(name, replace(opts, stream=bool(args.stream or (args.stream is None and too_big))))
     result = {"model": name, "parameters": count_parameters(model, spec_for_config(model.config))["total"],
               "weight_bytes": weight_bytes(model), "disk_bytes": folder_bytes(name)}
     if not args.no_ppl:
         ppl = perplexity_of_file(model, tokenizer, args.ppl, max_length=args.max_length, stride=args.stride,
                                  batch_size=args.batch_size, max_tokens=args.max_tokens)
         result.update(perplexity=ppl.to_dict(), text=args.ppl)
+    if args.tasks and is_streamed(model):
+        raise PruningError(f"lm-eval needs the model in memory: {too_big or 'it streams from disk'}.")
     if args.tasks:
         from .harness import DEFAULT_TASKS, run_tasks
 
         tasks = list(DEFAULT_TASKS) if args.tasks == "default" else [t for t in args.tasks.split(",") if t]
         result["lm_eval"] = run_tasks(model, tokenizer, tasks, args.task_dir, args.limit, args.batch_size)
-    if args.speed:
-        result["speed"] = measure_speed(model, args.prompt_tokens, args.new_tokens, repeats=args.repeats)
+    if args.speed and is_streamed(model) and (too_big or model_too_big(model)):
+        result["speed"] = None
+        result["speed_not_measured"] = f"speed needs the model on one device and {too_big or model_too_big(model)}"
+        logger.warning("speed not measured: %s", result["speed_not_measured"])
+    elif args.speed:
+        with model.core_stream.whole() if is_streamed(model) else contextlib.nullcontext():
+            result["speed"] = measure_speed(model, args.prompt_tokens, args.new_tokens, repeats=args.repeats)
     return result
 
 
@@ -273,7 +294,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for task, metrics in (results[0].get("lm_eval") or {}).get("tasks", {}).items():
         rows += [(f"{task} {m}"[:24], lambda r, t=task, m=m: f"{r['lm_eval']['tasks'][t][m]:.4f}")
                  for m in metrics if "stderr" not in m]
-    if args.speed:
+    speeds = args.speed and all(r["speed"] for r in results)
+    if args.speed and not speeds:
+        rows += [("speed", lambda r: "measured" if r["speed"] else "not measured (does not fit)")]
+    if speeds:
         rows += [("prefill s", lambda r: f"{r['speed']['prefill_seconds']:.4f}")]
         rows += [(f"decode tok/s b{b}", lambda r, b=b: f"{r['speed']['decode'][b]['tokens_per_second']:.1f}")
                  for b in results[0]["speed"]["decode"]]
@@ -285,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         ratios = {"parameters": b["parameters"] / a["parameters"]}
         if not args.no_ppl:
             ratios["perplexity"] = b["perplexity"]["perplexity"] / a["perplexity"]["perplexity"]
-        if args.speed:
+        if speeds:
             ratios.update(speed_ratios(a["speed"], b["speed"]))
         payload["ratios"] = ratios
         lines.append("2nd vs 1st: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))

@@ -18,6 +18,8 @@ from .architectures import spec_for_config
 from .evaluate import perplexity_of_file
 from .params import count_parameters
 from .speed import measure_speed, speed_ratios, weight_bytes
+from .memory import model_too_big
+from .streaming import is_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +59,25 @@ class Measurement:
         return asdict(self)
 
 
-def speed_of(model, s: EvalSettings) -> dict:
-    """`measure_speed` with the settings' sizes, clamped to the model's context length."""
+def speed_of(model, s: EvalSettings) -> dict | None:
+    """`measure_speed` with the settings' sizes, clamped to the model's context length. A streamed model is
+    loaded whole for it when it fits; when it does not, None (and a warning saying why)."""
     limit = getattr(model.config, "max_position_embeddings", None) or 4096
     prompt = min(s.prompt_tokens, max(limit // 2, 8))
     new = min(s.new_tokens, max(limit - prompt - 1, 1))
-    return measure_speed(model, prompt_len=prompt, new_tokens=new, batch_sizes=s.batch_sizes, repeats=s.repeats)
+    if not is_streamed(model):
+        return measure_speed(model, prompt_len=prompt, new_tokens=new, batch_sizes=s.batch_sizes, repeats=s.repeats)
+    reason = model_too_big(model)
+    if reason:
+        logger.warning("speed not measured: it needs the model on one device and %s", reason)
+        return None
+    with model.core_stream.whole():
+        return measure_speed(model, prompt_len=prompt, new_tokens=new, batch_sizes=s.batch_sizes, repeats=s.repeats)
 
 
-def _faster(a: dict | None, b: dict) -> dict:
-    if a is None:
-        return b
+def _faster(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return b if a is None else a
     out = dict(a, prefill_seconds=min(a["prefill_seconds"], b["prefill_seconds"]))
     out["decode"] = {k: max(a["decode"][k], b["decode"][k], key=lambda e: e["tokens_per_second"])
                      for k in a["decode"]}
@@ -81,6 +91,8 @@ def speed_pair(base_model, pruned_model, s: EvalSettings, rounds: int = 2) -> tu
     for _ in range(rounds):
         for i, model in enumerate((base_model, pruned_model)):
             best[i] = _faster(best[i], speed_of(model, s))
+        if best[0] is None or best[1] is None:  # one of them does not fit: no ratio to show
+            return best[0], best[1]
     return best[0], best[1]
 
 

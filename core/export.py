@@ -81,14 +81,11 @@ def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if stream is not None:  # its written blocks may have moved into the deleted folder
+        if stream is not None and stream.work == tmp:  # the run's blocks were in the deleted folder
             stream.close()
         raise
-    if stream is not None:
-        work = stream.work
+    if stream is not None:  # the written blocks are in the output now: stream from there
         stream.reopen(out)
-        if work is not None and work != tmp:
-            shutil.rmtree(work, ignore_errors=True)
     logger.info("wrote %s", out)
     return out
 

@@ -20,6 +20,7 @@ output head is loaded on first use (whole-model forwards: evaluation, sub-networ
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -37,7 +38,7 @@ from .architectures import ArchSpec, spec_for_config
 from .errors import ModelLoadError
 from .layer_config import layer_config, layer_shapes
 from .layers import apply_skips, decoder_layer_class, decoder_layers, get_submodule, set_submodule
-from .weights import Checkpoint, rename_tensors, write_index, write_shard
+from .weights import SINGLE_FILE, Checkpoint, rename_tensors, write_index, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class BlockStore:
         self.loads = self.writes = 0  # statistics for logs and benchmarks
         self.after_load = None  # optional callback(layer_idx), e.g. a benchmark sampling memory
         self._head_meta = None
+        self.pinned = False  # inside `whole()`: every block stays loaded
 
     # -- work folder ----------------------------------------------------------------------------------------
 
@@ -223,7 +225,7 @@ class BlockStore:
         """Block i with its weights on the compute device (the block loaded before is released first)."""
         if not _has_meta(module):
             return module  # already loaded, or a stand-in without weights (pipeline catchers, disabled blocks)
-        if self.active is not None:
+        if self.active is not None and not self.pinned:
             self.release()
         keys = [k for k, t in _tensors(module).items() if t.is_meta]
         state = self._read(self.origins[i], module, keys, self.dtype, self.device)
@@ -322,8 +324,9 @@ class BlockStore:
     # -- output ---------------------------------------------------------------------------------------------
 
     def write_weights(self, folder: Path, max_shard_bytes: int) -> None:
-        """Write the model's weights to `folder` as sharded safetensors + index, in the source dtype: one shard
-        per decoder block, then the other tensors in shards of at most `max_shard_bytes`."""
+        """Write the model's weights to `folder` in the source dtype: one `model.safetensors` when they fit in
+        `max_shard_bytes`, else sharded safetensors + index with one shard per decoder block (each was written
+        when the block was released) and the other tensors in shards of at most `max_shard_bytes`."""
         self.release()
         self.drop_head()
         layers = decoder_layers(self.model, self.spec)
@@ -332,10 +335,11 @@ class BlockStore:
             origin = self.origins[i]
             keys = sorted(module.state_dict())
             stored, final = self._names(origin.index, keys), self._names(i, keys)
-            if origin.files and set(origin.reader.names()) == set(stored.values()):  # a written block: move it
+            if origin.files and set(origin.reader.names()) == set(stored.values()):  # a written block: reuse it
                 path = origin.files[0]
-                if origin.index != i:  # blocks before it were removed
+                if origin.index != i:  # blocks before it were removed: rename its tensors, it stays valid
                     rename_tensors(path, {stored[k]: final[k] for k in keys})
+                    origin.reader, origin.index = Checkpoint(path.parent, files=[path.name]), i
                 shards.append((path, list(final.values()), origin.reader.nbytes()))
                 continue
             state = self._read(origin, module, keys, self.source_dtype, "cpu")  # untouched: copied from the source
@@ -343,18 +347,33 @@ class BlockStore:
             size = write_shard(path, {final[k]: state[k] for k in keys})
             shards.append((path, list(final.values()), size))
         shards = self._write_rest(max_shard_bytes) + shards
-        total = len(shards)
-        weight_map, total_size = {}, 0
-        for k, (path, names, size) in enumerate(shards, 1):
-            name = f"model-{k:05d}-of-{total:05d}.safetensors"
-            shutil.move(str(path), str(folder / name))
-            weight_map.update({n: name for n in names})
-            total_size += size
-        write_index(folder, weight_map, total_size)
+        owned = {f for origin in self.origins for f in origin.files}
+        total_size = sum(size for _, _, size in shards)
+        if total_size <= max_shard_bytes:  # small enough for one file, as save_pretrained writes it
+            merged = {}
+            for path, names, _ in shards:
+                merged.update(Checkpoint(path.parent, files=[path.name]).read(names))
+            write_shard(folder / SINGLE_FILE, merged)
+        else:
+            weight_map = {}
+            for k, (path, names, _) in enumerate(shards, 1):
+                name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                _link_or_copy(path, folder / name)  # the block files stay valid until the output is in place
+                weight_map.update({n: name for n in names})
+            write_index(folder, weight_map, total_size)
+        for path, _, _ in shards:
+            if path not in owned:
+                path.unlink(missing_ok=True)
+        if folder == self.work:  # the work folder becomes the output: no block files may stay in it
+            self.forget_written()
+
+    def forget_written(self) -> None:
+        """Delete the work files of written blocks (after they were linked into an output)."""
         for origin in self.origins:
-            origin.files = []  # moved into the output
-        for kind in (BLOCKS_DIR, EXACT_DIR):
-            if self.work is not None:
+            self._drop_files(origin)
+            origin.files = []
+        if self.work is not None:
+            for kind in (BLOCKS_DIR, EXACT_DIR):
                 shutil.rmtree(self.work / kind, ignore_errors=True)
 
     def _write_rest(self, max_shard_bytes: int) -> list[tuple[Path, list[str], int]]:
@@ -386,12 +405,42 @@ class BlockStore:
         return shards
 
     def reopen(self, folder: Path) -> None:
-        """Stream from a written output folder from now on (the work folder became that folder)."""
+        """Stream from a written output folder from now on (the work folder became it, or is deleted)."""
+        self.forget_written()
         if self._finalizer is not None:
+            if self.work.exists():  # a work folder of its own (not renamed into the output): delete it
+                self._finalizer()
             self._finalizer.detach()
         self._finalizer, self.work = None, None
         self.source = Checkpoint(folder)
         self.origins = [BlockOrigin(self.source, i) for i in range(len(self.origins))]
+
+    @contextlib.contextmanager
+    def whole(self):
+        """The whole model in memory on the compute device while the block runs (read-only: for measurements
+        such as speed that need it on one device), streamed again afterwards."""
+        self.release()
+        embed = self.model.get_input_embeddings()
+        saved = embed.weight
+        layers = decoder_layers(self.model, self.spec)
+        self.pinned = True
+        try:
+            self.load_head()
+            if embed.weight.is_meta:
+                name = _module_name(self.model, embed) + ".weight"
+                embed.weight = nn.Parameter(self.source.read([name], self.dtype, self.device)[name],
+                                            requires_grad=False)
+            for i in range(len(layers)):
+                layers[i]
+            yield self.model
+        finally:
+            self.pinned = False
+            for module in layers:
+                _to_meta(module)
+            self.active = self.active_module = None
+            self._loaded = {}
+            self.drop_head()
+            embed.weight = saved
 
     # -- embeddings and head --------------------------------------------------------------------------------
 
@@ -442,6 +491,7 @@ class BlockStore:
         if saved is not None:
             self.model.get_output_embeddings().weight, self.model.get_input_embeddings().weight = saved
             self._head_meta = None
+        self.pinned = False  # inside `whole()`: every block stays loaded
 
 
 def open_streamed(folder: str | os.PathLike, config=None, device: str | torch.device = "cpu",
@@ -503,3 +553,11 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
         if mod is module:
             return name
     raise AssertionError("module not in the model")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link when both are on one file system (no data copied), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
