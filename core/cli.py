@@ -210,6 +210,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .architectures import spec_for_config
     from .layer_config import head_dim, layer_shapes
+    from .memory import estimate_memory
     from .model_io import LoadOptions, build_empty, load_config, resolve_model_name
     from .params import count_parameters
 
@@ -226,6 +227,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         "per_layer": bool(getattr(config, "is_heterogeneous", False)),
         "layers": [{"layer": i, **s.overrides(), **counts["layers"][i]} for i, s in enumerate(shapes)],
         "parameters": {k: v for k, v in counts.items() if k != "layers"},
+        "memory": {d: estimate_memory(config, device=d).to_dict() for d in ("cpu", "cuda")},  # a data-driven prune
     }
     p = info["parameters"]
     s0 = shapes[0]
@@ -236,6 +238,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         f"(KV {s0.num_key_value_heads}, dim {info['head_dim']}), MLP {s0.intermediate_size}, vocab {config.vocab_size}",
         f"parameters  total {p['total']:,} = embeddings {p['embeddings']:,} + lm_head {p['lm_head']:,} + "
         f"attention {p['attention']:,} + mlp {p['mlp']:,} + norms {p['total'] - p['embeddings'] - p['lm_head'] - p['attention'] - p['mlp']:,}",
+        f"memory      a data-driven prune on CPU {estimate_memory(config).describe()}",
     ]
     if info["per_layer"]:
         lines += [f"  layer {l['layer']:>3}: heads {l['num_attention_heads']}/{l['num_key_value_heads']} "

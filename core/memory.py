@@ -87,6 +87,16 @@ def compute_dtype_name(dtype: str, device: str, config) -> str:
     return _dtype_name(getattr(config, "dtype", None) or "bfloat16")
 
 
+def _needs_data(recipe) -> bool:
+    if recipe is None:
+        return True
+    from .methods import METHODS
+    from .prune import normalize
+
+    recipe = normalize(recipe)
+    return METHODS.get(recipe.method).needs_data(recipe)
+
+
 def _needs_logits(recipe) -> bool:
     if recipe is None or recipe.method != "depth":
         return False
@@ -125,18 +135,21 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
     tokens = n * t
     largest = max(d * m, heads * dh * d)  # the largest projection
     working = (2 * block * c + block * s  # the block, its rebuilt copy, its copy in the source dtype
-               + 2 * largest * 4  # float copies and temporaries of scores
-               + b * t * (3 * m + 6 * d) * c + b * heads * t * t * c)  # one batch's activations and attention
+               + 2 * largest * 4)  # float copies and temporaries of scores
+    data = _needs_data(recipe)
+    if data:  # one batch's activations and attention
+        working += b * t * (3 * m + 6 * d) * c + b * heads * t * t * c
     if recipe is not None and recipe.method == "slimllm":
         units = heads if recipe.options.get("head_mode") == "query" else kv
         working += 2 * d * d * 8 + d * units * units * 8 + units * b * t * d * 4  # fp64 covariances, contributions
-    hidden = 2 * tokens * d * c + 2 * (n // b + 1) * b * t * t * c  # hidden states (and next ones), masks
+    # hidden states between blocks (and the next ones), attention masks
+    hidden = 2 * tokens * d * c + 2 * (n // b + 1) * b * t * t * c if data else 0
     logits = 0
     if _needs_logits(recipe):
         logits = vocab * d * c + 2 * b * t * vocab * 4
         if recipe.options.get("utility") == "logit_distance":
             logits += tokens * vocab * 4  # the full model's logits, kept for the distance
-    resident = RUNTIME[kind] + min(vocab, tokens) * d * c + 4 * d * c
+    resident = RUNTIME[kind] + (min(vocab, tokens) * d * c if data else 0) + 4 * d * c
     return MemoryEstimate(
         device=kind, compute_dtype=compute, source_dtype=source, params=counts["total"],
         model_bytes=counts["total"] * c, block_bytes=block * c, working_bytes=int(working), hidden_bytes=int(hidden),
