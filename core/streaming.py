@@ -271,6 +271,7 @@ class BlockStore:
         if old is self.active_module and old is not None:
             if _is_loaded_layer(new):  # surgery rebuilt the loaded block: the new one is the block now
                 self.active_module, self.changed = new, True
+                _to_meta(old)  # its weights go now, not when the next block comes in
                 return
             self.release()  # a stand-in takes the loaded block's place for a while
         elif _is_loaded_layer(new):
