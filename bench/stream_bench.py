@@ -74,12 +74,13 @@ def folder_bytes(folder: Path) -> int:
 # ----------------------------------------------------------------------------------------------- workers
 def worker_case(model: str, out: str, cli_args: list[str], calib: list[str]) -> dict:
     """The CLI prune in this process, with RSS probes around the streamed model."""
+    import core.blocks
     import core.cli
     import core.streaming as st
 
     samples: list[tuple[int, int]] = []
     loaded: dict = {}
-    original_open, original_init = st.open_streamed, st.BlockStore.__init__
+    original_open, original_init = st.open_streamed, core.blocks.BlockStore.__init__
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -92,7 +93,7 @@ def worker_case(model: str, out: str, cli_args: list[str], calib: list[str]) -> 
         loaded["peak_reset"] = reset_peak_rss()
         return model
 
-    st.BlockStore.__init__, st.open_streamed = init, open_streamed
+    core.blocks.BlockStore.__init__, st.open_streamed = init, open_streamed
     start = time.perf_counter()
     code = core.cli.main(["prune", model, *cli_args, *calib, "--out", out, "-q"])
     seconds = time.perf_counter() - start

@@ -253,7 +253,7 @@ def _evaluate(name: str | None, args: argparse.Namespace) -> dict:
     from .params import count_parameters
     from .memory import model_too_big, too_big_for_memory
     from .speed import folder_bytes, measure_speed, weight_bytes
-    from .streaming import is_streamed
+    from .streaming import is_streamed, whole
 
     name = resolve_model_name(name)
     opts = LoadOptions(revision=args.revision, dtype=args.dtype or "auto", device=args.device,
@@ -279,7 +279,7 @@ def _evaluate(name: str | None, args: argparse.Namespace) -> dict:
         result["speed_not_measured"] = f"speed needs the model on one device and {too_big or model_too_big(model)}"
         logger.warning("speed not measured: %s", result["speed_not_measured"])
     elif args.speed:
-        with model.core_stream.whole() if is_streamed(model) else contextlib.nullcontext():
+        with whole(model) if is_streamed(model) else contextlib.nullcontext():
             result["speed"] = measure_speed(model, args.prompt_tokens, args.new_tokens, repeats=args.repeats)
     return result
 

@@ -19,7 +19,7 @@ from .evaluate import perplexity_of_file
 from .params import count_parameters
 from .speed import measure_speed, speed_ratios, weight_bytes
 from .memory import model_too_big
-from .streaming import is_streamed
+from .streaming import is_streamed, whole
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def speed_of(model, s: EvalSettings) -> dict | None:
     if reason:
         logger.warning("speed not measured: it needs the model on one device and %s", reason)
         return None
-    with model.core_stream.whole():
+    with whole(model):
         return measure_speed(model, prompt_len=prompt, new_tokens=new, batch_sizes=s.batch_sizes, repeats=s.repeats)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .architectures import spec_for_config
 from .errors import CalibrationError
 from .pipeline import model_logits
+from .streaming import drop_head
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def perplexity_of_ids(model, ids: torch.Tensor, max_length: int = 256, stride: i
             total_tokens += int(mask.sum().item())
     if stream is not None:  # the head and the last block leave memory
         stream.release()
-        stream.drop_head()
+        drop_head(model)
     mean = total_nll / total_tokens
     return Perplexity(math.exp(mean), mean, total_tokens, len(spans), max_length, stride)
 

@@ -117,6 +117,8 @@ def _save_streamed(model, folder: Path, max_shard_size: str) -> None:
     config, as save_pretrained would write them."""
     from transformers.utils.hub import convert_file_size_to_int
 
+    if model.source_dtype is not None:  # the dtype to publish in (e.g. the bot's publish_dtype)
+        model.core_stream.source_dtype = model.source_dtype
     model.core_stream.write_weights(folder, convert_file_size_to_int(max_shard_size))
     config = model.config
     saved = config.dtype, config.architectures

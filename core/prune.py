@@ -19,6 +19,7 @@ from .params import count_parameters
 from .progress import Progress, ProgressCallback
 from .recipe import Recipe
 from .scores import MLP_SCORES
+from .streaming import drop_head
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
         report = method.run(ctx)
         if stream is not None:  # the last block's changes reach the disk; the head leaves memory
             stream.release()
-            stream.drop_head()
+            drop_head(model)
     finally:
         prog.close()
     seconds = time.perf_counter() - start

@@ -19,7 +19,8 @@ from core.errors import DiskFullError
 from core.layers import decoder_layers, layer_at
 from core.methods import METHODS
 from core.prune import normalize
-from core.streaming import is_streamed, open_streamed
+from core.blocks import BlockStore
+from core.streaming import drop_head, is_streamed, open_streamed
 from core.surgery import LayerPlan, prune_layer
 
 CALIB = CalibrationConfig(n_samples=4, seq_len=32)
@@ -106,7 +107,7 @@ def test_streamed_forward_equals_the_loaded_model(tiny_dir, fam, tokens):
     torch.testing.assert_close(logits(streamed, tokens), logits(loaded, tokens), atol=1e-5, rtol=0)
     layers = decoder_layers(streamed, spec_for_config(streamed.config))
     assert sum(_loaded(layer) for layer in layers) == 1  # the last one used
-    streamed.core_stream.drop_head()  # the head (tied: the embedding) came in for the logits, and goes
+    drop_head(streamed)  # the head (tied: the embedding) came in for the logits, and goes
     assert streamed.get_input_embeddings().weight.is_meta  # embedding rows are read per forward, never the whole
 
 
@@ -228,14 +229,14 @@ def test_interrupted_prune_leaves_nothing(tiny_dir, tmp_path):
     assert list(work.iterdir()) == []
     result = core.run_recipe(recipe, out_dir=work / "out")
     assert any(work.iterdir())  # the run's blocks wait in the output's temporary folder
-    write = core.streaming.BlockStore.write_weights
+    write = BlockStore.write_weights
 
     def write_then_interrupt(self, *args):
         write(self, *args)
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:  # Ctrl-C while saving, after the weights were written
-        mp.setattr(core.streaming.BlockStore, "write_weights", write_then_interrupt)
+        mp.setattr(BlockStore, "write_weights", write_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
             core.save_pruned(result, work / "out")
     assert list(work.iterdir()) == []
@@ -264,3 +265,17 @@ def test_full_disk_gives_a_clear_error_and_leaves_nothing(tiny_dir, tmp_path, mo
         core.run_recipe(Recipe(model=str(src), method="maw_range", target=Target(ratio=0.25)),
                         out_dir=tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_publishing_in_another_dtype(tiny_dir, tmp_path):
+    """A result written in another dtype than its source's (the bot's publish_dtype): written blocks are converted,
+    exactly as the in-memory export converts."""
+    src = tiny_dir("qwen2")
+    recipe = Recipe(model=str(src), calibration=CALIB, **CASES["depth_blocks_recovery"])
+    outs = []
+    for stream in (False, True):
+        result = core.run_recipe(recipe, stream=stream)
+        result.model.source_dtype = torch.float16
+        outs.append(_tensors(core.save_pruned(result, tmp_path / str(stream))))
+    assert outs[0].keys() == outs[1].keys() and {t.dtype for t in outs[1].values()} == {torch.float16}
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

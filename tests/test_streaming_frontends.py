@@ -50,7 +50,8 @@ def test_memory_estimate_follows_the_recipe():
     small = est()
     more_tokens = est(calibration=core.CalibrationConfig(n_samples=256, seq_len=2048))
     assert more_tokens.hidden_bytes >= 8 * 16 * small.hidden_bytes  # 128x the tokens (and longer masks)
-    assert est(method="slimllm").working_bytes > small.working_bytes  # float64 covariances
+    assert est(method="slimllm", score=None).working_bytes > small.working_bytes  # float64 covariances
+    assert est(score="maw").hidden_bytes == 0 < small.hidden_bytes  # weight-only: no calibration data
     ppl = est(method="depth", score="ppl_drop")
     assert ppl.logits_bytes > 0 and small.logits_bytes == 0  # whole-model logits need the head
     distance = est(method="depth", score="shapley_mc", options={"utility": "logit_distance"})
