@@ -231,14 +231,14 @@ def markdown(doc: dict) -> str:
               "every tensor once and writing the output's bytes (io), plus one streamed calibration forward "
               "(forward).", "",
               "| case | prune s | baseline | baseline s | ratio | goal | loaded | peak | target | estimate | growth | "
-              "output GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "output GiB | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in doc["cases"].items():
         b = r["baseline"]
         lines.append(f"| {name} | {r['seconds']:.0f} | {b['kind']} | {b['seconds']:.0f} | "
                      f"{r['seconds'] / b['seconds']:.2f} | {r['goal_ratio']} | {r['rss_loaded'] / MIB:,.0f} | "
                      f"{r['rss_peak'] / MIB:,.0f} | {r['target_bytes'] / MIB:,.0f} | "
                      f"{r['estimate_bytes'] / MIB:,.0f} | {r['rss_growth_first_pass'] / MIB:+,.0f} | "
-                     f"{r['output_bytes'] / GIB:.1f} |")
+                     f"{r['output_bytes'] / GIB:.1f} | {str(r.get('commit'))[:10]} |")
     reload = doc.get("reload")
     if reload:
         lines += ["", f"Done-when check: `{doc['done_when_command']}` completed; the output reloads with "
@@ -298,6 +298,9 @@ def main() -> None:
            "command": "python bench/stream_bench.py " + " ".join(sys.argv[1:]), "note": args.note,
            "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens, batch {args.batch_size}",
            "block_bytes_fp32": estimate_memory(config).block_bytes, "cases": {}}
+    stem = RESULTS / f"stream_{args.shape}_cpu"
+    if stem.with_suffix(".json").exists():  # cases run before (e.g. one case rerun after a change) are kept
+        doc["cases"] = json.loads(stem.with_suffix(".json").read_text()).get("cases", {})
     for name in args.cases.split(","):
         cli_args, kind = CASES[name]
         out = CACHE / f"out-{name}"
@@ -325,12 +328,13 @@ def main() -> None:
                         batch_size=args.batch_size)
         est = estimate_memory(config, recipe)
         result.update(estimate_bytes=est.streamed_bytes, target_bytes=est.working_bytes + 2 * GIB,
+                      commit=doc["git"]["commit"], date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      command=doc["command"],
                       goal_ratio={"io": 1.3, "forward": 1.5}[kind] if name != "slimllm" else 3.0)
         doc["cases"][name] = result
         logger.info("%s: %.0f s (baseline %.0f s), peak RSS %.0f MiB", name, result["seconds"],
                     result["baseline"]["seconds"], result["rss_peak"] / MIB)
         RESULTS.mkdir(exist_ok=True)
-        stem = RESULTS / f"stream_{args.shape}_cpu"
         doc["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         doc["total_seconds"] = round(time.perf_counter() - begin, 1)
         stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -57,6 +57,13 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _representable(value: torch.Tensor, cast: torch.Tensor) -> bool:
+    """Whether `cast` (value in a narrower dtype) holds `value` exactly."""
+    if value.dtype == torch.float32 and cast.dtype == torch.bfloat16:  # bf16 is fp32 without its low 16 bits
+        return not torch.bitwise_and(value.view(torch.int32), 0xFFFF).any().item()
+    return torch.equal(cast.to(value.dtype), value)
+
+
 def _fingerprint(t: torch.Tensor) -> tuple:
     return id(t), t._version, t.data_ptr()
 
@@ -240,7 +247,7 @@ class BlockStore:
             value = state[key]
             if self.source_dtype is not None and value.is_floating_point() and value.dtype != self.source_dtype:
                 cast = value.to(self.source_dtype)
-                if not torch.equal(cast.to(value.dtype), value):
+                if not _representable(value, cast):
                     exact[t] = value
                 value = cast
             out[t] = value

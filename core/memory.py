@@ -33,7 +33,7 @@ class MemoryEstimate:
     compute_dtype: str
     source_dtype: str
     params: int
-    model_bytes: int  # the whole model in the compute dtype (what the in-memory path holds)
+    model_bytes: int  # the whole model in the in-memory path's compute dtype (what --no-stream holds)
     block_bytes: int  # the largest decoder block in the compute dtype
     working_bytes: int  # one block's working set (see the module doc)
     hidden_bytes: int  # calibration hidden states between blocks
@@ -80,6 +80,8 @@ def _dtype_name(dtype) -> str:
 
 def compute_dtype_name(dtype: str, device: str, config) -> str:
     """The dtype a prune computes in: as `model_io` chooses it ('auto': float32 on CPU, the checkpoint's on GPU)."""
+    if dtype == "source":
+        return _dtype_name(getattr(config, "dtype", None) or "float32")
     if dtype and dtype != "auto":
         return _dtype_name(dtype)
     if device.startswith("cpu"):
@@ -115,8 +117,9 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
     from .params import count_parameters
 
     kind = "cpu" if str(device).startswith("cpu") else "cuda"
-    compute = compute_dtype_name(dtype, kind, config)
     source = _dtype_name(getattr(config, "dtype", None) or "bfloat16")
+    data = _needs_data(recipe)
+    compute = compute_dtype_name(dtype, kind, config) if data or dtype != "auto" else source  # as run_recipe does
     c, s = _BYTES.get(compute, 4), _BYTES.get(source, 2)
     counts = count_parameters(build_empty(config), spec_for_config(config))
     per_layer = [sum(entry.values()) for entry in counts["layers"]]
@@ -134,9 +137,8 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
     b = min(recipe.batch_size if recipe is not None else 8, n)
     tokens = n * t
     largest = max(d * m, heads * dh * d)  # the largest projection
-    working = (2 * block * c + block * s  # the block, its rebuilt copy, its copy in the source dtype
+    working = (2 * block * c + (block * s if c != s else 0)  # the block, its rebuilt copy, its copy to write
                + 2 * largest * 4)  # float copies and temporaries of scores
-    data = _needs_data(recipe)
     if data:  # one batch's activations and attention
         working += b * t * (3 * m + 6 * d) * c + b * heads * t * t * c
     if recipe is not None and recipe.method == "slimllm":
@@ -152,7 +154,7 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
     resident = RUNTIME[kind] + (min(vocab, tokens) * d * c if data else 0) + 4 * d * c
     return MemoryEstimate(
         device=kind, compute_dtype=compute, source_dtype=source, params=counts["total"],
-        model_bytes=counts["total"] * c, block_bytes=block * c, working_bytes=int(working), hidden_bytes=int(hidden),
+        model_bytes=counts["total"] * _BYTES.get(compute_dtype_name(dtype, kind, config), 4), block_bytes=block * c, working_bytes=int(working), hidden_bytes=int(hidden),
         logits_bytes=int(logits), resident_bytes=int(resident), offload_hidden=offload_hidden,
         disk_bytes=counts["total"] * s)
 

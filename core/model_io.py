@@ -58,12 +58,16 @@ def resolve_device(device: str | None) -> str:
     return default_device() if device in (None, "", "auto") else device
 
 
+def compute_dtype(name: str, device: str, config) -> torch.dtype:
+    """The dtype a model computes in for a LoadOptions dtype ('auto': float32 on CPU, the checkpoint's on GPU)."""
+    return _torch_dtype(name, device, config)
+
+
 def _torch_dtype(name: str, device: str, config) -> torch.dtype:
-    if name == "auto":
-        if device.startswith("cpu"):
-            return torch.float32
-        stored = getattr(config, "dtype", None)
-        return stored if isinstance(stored, torch.dtype) else torch.bfloat16
+    if name == "auto" and device.startswith("cpu"):
+        return torch.float32
+    if name in ("auto", "source"):  # 'source': the checkpoint's own dtype on any device
+        return _stored_dtype(config) or (torch.float32 if device.startswith("cpu") else torch.bfloat16)
     try:
         return _DTYPES[name]
     except KeyError:

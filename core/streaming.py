@@ -168,9 +168,25 @@ def whole(model: nn.Module):
         embed.weight = saved
 
 
+def reopen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The same streamed model (its current sizes, its written blocks) computing in `dtype`: a new module tree,
+    nothing re-read or re-written. The old model must not be used afterwards."""
+    store = model.core_stream
+    store.release()
+    drop_head(model)
+    new = open_streamed(store.source.folder, model.config, store.device, dtype, store.source_dtype, check=False)
+    new_store = new.core_stream
+    new_store.source, new_store.origins = store.source, store.origins
+    new_store.work, new_store._finalizer, new_store._count = store.work, store._finalizer, store._count
+    new_store.loads, new_store.writes = store.loads, store.writes
+    store.work = store._finalizer = None
+    new.source_dtype = model.source_dtype
+    return new
+
+
 def open_streamed(folder: str | os.PathLike, config=None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, source_dtype: torch.dtype | None = None,
-                  trust_remote_code: bool = False) -> nn.Module:
+                  trust_remote_code: bool = False, check: bool = True) -> nn.Module:
     """A model of the checkpoint in `folder` whose decoder blocks stream from disk (see the module doc).
 
     `dtype` is the compute dtype, `source_dtype` the dtype outputs are written in (default: the checkpoint's)."""
@@ -187,7 +203,7 @@ def open_streamed(folder: str | os.PathLike, config=None, device: str | torch.de
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = [n for n in _tensors(model) if n not in source and n not in tied]
+    missing = [n for n in _tensors(model) if n not in source and n not in tied] if check else []
     head = model.get_output_embeddings()
     if missing:
         raise ModelLoadError(f"{folder} lacks tensors the model needs, e.g. {missing[0]!r} ({len(missing)} in all): "

@@ -126,6 +126,7 @@ def test_streamed_prune_equals_in_memory_full_matrix(tiny_dir, tmp_path, case, f
 
 @pytest.mark.parametrize("dtype,case", [
     (torch.bfloat16, "slimllm"), (torch.float16, "depth_blocks_recovery"),
+    (torch.bfloat16, "mlp_weights"),  # weight-only: blocks stay in bf16 while streaming, the result is the same
     pytest.param(torch.float16, "slimllm", marks=pytest.mark.slow),
     pytest.param(torch.bfloat16, "depth_blocks_recovery", marks=pytest.mark.slow),
     pytest.param(torch.bfloat16, "mlp_activation", marks=pytest.mark.slow)])
@@ -133,8 +134,20 @@ def test_half_precision_sources(tmp_path, dtype, case, tokens):
     """Computed in float32, written back in the source dtype; folded regression scales and recovery biases (not
     representable in the source dtype) are re-read exactly, so the result equals the in-memory one bit for bit."""
     src = save_tiny(tiny_model("qwen2").to(dtype), tmp_path / "src")
-    mem, mem_out, streamed, str_out = _both(src, tmp_path, CASES[case])
+    seen = set()
+    init = BlockStore.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.after_load = lambda i, store=self: seen.add(store.dtype)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BlockStore, "__init__", record)
+        mem, mem_out, streamed, str_out = _both(src, tmp_path, CASES[case])
     assert {t.dtype for t in _tensors(str_out).values()} == {dtype}
+    # weight-only methods stream blocks in the source dtype; the result computes in float32 like any other
+    assert seen == {dtype if case == "mlp_weights" else torch.float32}
+    assert streamed.model.core_stream.dtype == torch.float32
     _assert_same(mem, mem_out, streamed, str_out, tokens)
 
 
