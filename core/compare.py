@@ -6,6 +6,7 @@ as `model-index` results plus a before/after table.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
@@ -114,9 +115,14 @@ def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
     if settings.tasks and tokenizer is not None:
         from .harness import run_tasks
 
+        reason = model_too_big(model) if is_streamed(model) else None
+        if reason:  # lm-eval runs whole models only
+            logger.warning("lm-eval not run: it needs the model in memory and %s", reason)
+            return m
         step("lm-eval")
-        m.lm_eval = run_tasks(model, tokenizer, list(settings.tasks), list(settings.task_dirs),
-                              settings.task_limit)["tasks"]
+        with whole(model) if is_streamed(model) else contextlib.nullcontext():
+            m.lm_eval = run_tasks(model, tokenizer, list(settings.tasks), list(settings.task_dirs),
+                                  settings.task_limit)["tasks"]
     return m
 
 
