@@ -43,3 +43,7 @@ class OutputExistsError(PruningError, FileExistsError):
 
 class DiskFullError(PruningError, OSError):
     """The output does not fit on the disk (checked before each write, and reported when a write runs out)."""
+
+
+class InsufficientMemoryError(PruningError, MemoryError):
+    """A prune would not fit in the free memory of its device (refused before anything large is loaded)."""

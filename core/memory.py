@@ -67,9 +67,13 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         where = "RAM" if self.device == "cpu" else "GPU memory"
-        return (f"needs about {self.streamed_bytes / GIB:,.1f} GiB of {where} streamed ({self.compute_dtype}, one "
-                f"block of {self.block_bytes / GIB:,.2f} GiB at a time; {self.in_memory_bytes / GIB:,.1f} GiB if "
-                f"loaded whole) and {self.disk_bytes / GIB:,.1f} GiB of disk for the output")
+        return (f"needs about {_size(self.streamed_bytes)} of {where} streamed ({self.compute_dtype}, one block of "
+                f"{_size(self.block_bytes)} at a time; {_size(self.in_memory_bytes)} if loaded whole) and "
+                f"{_size(self.disk_bytes)} of disk for the output")
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:,.1f} GiB" if n >= GIB else f"{n / 2**20:,.0f} MiB"
 
 
 def _dtype_name(dtype) -> str:
@@ -207,3 +211,34 @@ def too_big_for_memory(name: str, opts) -> str | None:
 
     compute = compute_dtype_name(opts.dtype, kind, config)
     return _too_big(count_parameters(build_empty(config), spec_for_config(config))["total"], compute, device)
+
+
+MARGIN = 0.8  # estimates are within ~20%: refuse only when even 80% of one does not fit
+
+
+def check_fits(config, recipe, device: str, dtype: str, streamed: bool, offload_hidden: bool = False) -> None:
+    """Refuse a prune whose memory estimate clearly exceeds the free memory of its device (InsufficientMemoryError,
+    naming what it needs and what would need less) instead of crashing or swapping part-way."""
+    from .errors import InsufficientMemoryError
+
+    kind = "cpu" if str(device).startswith("cpu") else "cuda"
+    est = estimate_memory(config, recipe, kind, dtype, offload_hidden)
+    free = available_bytes(device)
+    need = est.streamed_bytes if streamed else est.in_memory_bytes
+    if free is None or MARGIN * need <= free:
+        return
+    where = "RAM" if kind == "cpu" else f"memory on {device}"
+    if not streamed and MARGIN * est.streamed_bytes <= free:
+        raise InsufficientMemoryError(
+            f"Loaded whole, this model needs about {_size(need)} of {where} and {_size(free)} are free. Let it "
+            f"stream one decoder block at a time (the default: drop --no-stream / --device-map, or stream=True), "
+            f"which needs about {_size(est.streamed_bytes)}.")
+    parts = f"one block's working set {_size(est.working_bytes)}, calibration hidden states " \
+            f"{_size(0 if offload_hidden and kind != 'cpu' else est.hidden_bytes)}"
+    if est.logits_bytes:
+        parts += f", output head and logits {_size(est.logits_bytes)}"
+    raise InsufficientMemoryError(
+        f"This prune needs about {_size(est.streamed_bytes)} of {where} even streamed one block at a time ({parts}) "
+        f"and {_size(free)} are free. Use fewer calibration tokens (--calib-samples, --calib-seq-len) or a smaller "
+        f"--batch-size{', keep hidden states in CPU memory (--offload-hidden)' if kind != 'cpu' else ''}, a score "
+        "without whole-model logits (e.g. depth cosine instead of ppl_drop / Shapley), or free some memory.")

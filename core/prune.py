@@ -14,7 +14,9 @@ from .architectures import ArchSpec, spec_for_config
 from .errors import ModelLoadError, RecipeError, UnknownNameError
 from .layer_config import layer_shapes
 from .methods import METHODS, PruneContext
-from .model_io import LoadOptions, can_stream, compute_dtype, load_model, resolve_model_name
+from .memory import check_fits
+from .model_io import (LoadOptions, can_stream, compute_dtype, load_config, load_model, resolve_device,
+                       resolve_model_name)
 from .params import count_parameters
 from .progress import Progress, ProgressCallback
 from .recipe import Recipe
@@ -116,6 +118,8 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
         raise ModelLoadError("Some weights were offloaded to disk by the device map (they sit on 'meta'); pruning "
                              "needs every weight in CPU or GPU memory. Give the device map enough CPU memory "
                              "(max_memory) instead of disk offload.")
+    if stream is not None:  # refused before the first block if even one block at a time cannot fit
+        check_fits(model.config, recipe, str(stream.device), stream.dtype, True, offload_hidden)
     prog = Progress(progress, bars)
     ctx = PruneContext(model, tokenizer, spec, recipe, prog, store_device="cpu" if offload_hidden else None)
     before = count_parameters(model, spec)
@@ -170,6 +174,9 @@ def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: b
     # weights only: scores compute in float32 from their own copies and surgery only slices, so streamed blocks
     # stay in the checkpoint's dtype while pruning (half the memory, no casts; the result is the same bit for bit)
     in_source_dtype = streamed and load.dtype == "auto" and not METHODS.get(recipe.method).needs_data(recipe)
+    if not opts.device_map:  # refused before loading anything when it cannot fit (accelerate places device maps)
+        check_fits(load_config(name, opts), recipe, resolve_device(opts.device),
+                   "source" if in_source_dtype else opts.dtype, streamed, offload_hidden)
     model, tokenizer = load_model(name, replace(opts, stream=streamed, dtype="source" if in_source_dtype else opts.dtype))
     store = getattr(model, "core_stream", None)
     try:

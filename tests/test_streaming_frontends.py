@@ -93,6 +93,32 @@ def test_cli_prune_streams_by_default(tiny_dir, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prunes_that_cannot_fit_are_refused_before_loading(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A whole-model prune that does not fit points to streaming; a streamed one that cannot fit even one block at
+    a time (here: many calibration tokens) names what it needs and what needs less. Nothing is written."""
+    from core.model_io import load_config
+
+    src = tiny_dir("llama")
+    config = load_config(str(src))
+    recipe = Recipe(method="mlp_width", score="activation", target=Target(param_ratio=0.05))
+    est = estimate_memory(config, recipe)
+    free = (est.streamed_bytes + est.in_memory_bytes) // 2 * 0.8  # room to stream, not to load it whole
+    monkeypatch.setattr("core.memory.available_bytes", lambda device="cpu": int(free))
+    import sys
+
+    loads = []
+    monkeypatch.setattr(sys.modules["core.prune"], "load_model", lambda *a, **k: loads.append(a))
+    base = ["prune", str(src), "--method", "activation", "--param-ratio", "0.05", "--device", "cpu"]
+    assert core.cli.main(base + ["--out", str(tmp_path / "whole"), "--no-stream"]) == 2
+    err = capsys.readouterr().err
+    assert "Loaded whole, this model needs about" in err and "Let it stream" in err and "Traceback" not in err
+    assert core.cli.main(base + ["--out", str(tmp_path / "many"), "--calib-samples", "4096", "--calib-seq-len",
+                                 "2048"]) == 2
+    err = capsys.readouterr().err
+    assert "even streamed one block at a time" in err and "--calib-samples" in err and "Traceback" not in err
+    assert not loads and list(tmp_path.iterdir()) == []
+
+
 def test_cli_eval_streams_what_does_not_fit(tiny_dir, monkeypatch, capsys):
     src = tiny_dir("llama")
     base = ["eval", str(src), "--max-tokens", "200", "--max-length", "64", "--json"]
