@@ -209,7 +209,8 @@ def run_worker(*args: str, threads: int) -> dict:
 
 def markdown(doc: dict) -> str:
     m, c = doc["machine"], doc["checkpoint"]
-    lines = [f"# Streamed pruning of a model larger than memory: {c['shape']} shapes, cpu", "",
+    lines = [f"# Streamed pruning block by block: {c['shape']} shapes, {c['config']['num_hidden_layers']} decoder "
+             "blocks, cpu", "",
              f"- Date: {doc['date']}",
              f"- Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['ram_gib']} GiB RAM, shared with other "
              f"jobs while it ran (load average at start {m['load_average_at_start']}, at end "
@@ -217,8 +218,9 @@ def markdown(doc: dict) -> str:
              f"- Software: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}",
              f"- Command: `{doc['command']}`", f"- Code: commit {str(doc['git']['commit'])[:10]}",
              f"- Checkpoint: random Llama, {c['params']:,} parameters, {c['dtype']}, {c['bytes'] / GIB:.1f} GiB in "
-             f"{c['shards']} shards (written in {c['seconds']} s); float32: {4 * c['params'] / GIB:.1f} GiB, more "
-             f"than the machine's {m['ram_gib']} GiB",
+             f"{c['shards']} shards (written in {c['seconds']} s), {c['config']['num_hidden_layers']} decoder blocks; "
+             f"float32: {4 * c['params'] / GIB:.1f} GiB, "
+             f"{'more' if 4 * c['params'] / GIB > m['ram_gib'] else 'less'} than the machine's {m['ram_gib']} GiB",
              f"- Calibration: builtin text, {doc['calibration']}; every run reads the checkpoint from disk (its pages "
              "are dropped from the page cache before each run)",
              f"- One decoder block: {doc['block_bytes_fp32'] / MIB:,.0f} MiB in float32; estimate of the streamed "
@@ -256,6 +258,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--calib-seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--layers", type=int, help="fewer decoder blocks than the shape has (same block size: the "
+                        "per-block memory and the time ratios, in a fraction of the time)")
     parser.add_argument("--keep-checkpoint", action="store_true")
     parser.add_argument("--note", default="")
     parser.add_argument("--worker", nargs=argparse.REMAINDER)
@@ -284,10 +288,11 @@ def main() -> None:
     from core.memory import estimate_memory
 
     begin = time.perf_counter()
-    ckpt = CACHE / f"llama3-{args.shape}-random"
+    tag = f"{args.shape}_{args.layers}l" if args.layers else args.shape
+    ckpt = CACHE / f"llama3-{tag}-random"
     if not (ckpt / "bench_checkpoint.json").exists():
         shutil.rmtree(ckpt, ignore_errors=True)
-        build_checkpoint(ckpt, args.shape)
+        build_checkpoint(ckpt, args.shape, layers=args.layers)
     checkpoint = json.loads((ckpt / "bench_checkpoint.json").read_text())
     calib = ["--calib-samples", str(args.calib_samples), "--calib-seq-len", str(args.calib_seq_len),
              "--batch-size", str(args.batch_size)]
@@ -298,7 +303,7 @@ def main() -> None:
            "command": "python bench/stream_bench.py " + " ".join(sys.argv[1:]), "note": args.note,
            "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens, batch {args.batch_size}",
            "block_bytes_fp32": estimate_memory(config).block_bytes, "cases": {}}
-    stem = RESULTS / f"stream_{args.shape}_cpu"
+    stem = RESULTS / f"stream_{tag}_cpu"
     if stem.with_suffix(".json").exists():  # cases run before (e.g. one case rerun after a change) are kept
         doc["cases"] = json.loads(stem.with_suffix(".json").read_text()).get("cases", {})
     for name in args.cases.split(","):

@@ -296,6 +296,7 @@ class Worker:
         model, tokenizer = core.load_model(str(src), replace(opts, stream=can_stream(str(src), opts)))
         if is_streamed(model):  # changed blocks wait in the job's folder, deleted with it
             model.core_stream.use_work_folder(tmp / "blocks")
+            logger.info("streaming the source from disk, one decoder block at a time", extra=fields)
         base = self.evaluator.base((job.source_repo, job.source_sha, recipe.load.dtype), model, tokenizer)
         result = core.prune(model, tokenizer, recipe, progress=self._progress, base_model=str(src))
         logger.info("pruned: %s -> %s parameters", f"{result.params_before['total']:,}",
