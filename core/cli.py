@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import checks
 from .entry import configure_output, guarded
-from .errors import RecipeError
+from .errors import EnvironmentFailure, RecipeError
 
 logger = logging.getLogger("core")
 
@@ -70,8 +72,13 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="Hub id or local folder (default: the shipped reference model)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub model")
     p.add_argument("--dtype", help="auto (default), float32, bfloat16, float16")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--device-map", help="e.g. 'auto' to spread a large model over devices / CPU")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... or auto (default: cuda when available)")
+    p.add_argument("--device-map", help="e.g. 'auto' to spread a large model over devices / CPU (loads it whole)")
+    s = p.add_mutually_exclusive_group()
+    s.add_argument("--stream", action="store_true", default=None,
+                   help="keep the weights on disk and load one decoder block at a time (prune: the default)")
+    s.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="load the whole model in memory (eval: the default when it fits)")
     p.add_argument("--allow-pickle", action="store_true", default=None, help="accept *.bin pickle weights")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="run the repository's own modeling code (only for repositories you trust)")
@@ -113,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of random scores")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB; a streamed "
+                                                           "prune writes one shard per decoder block)")
+    p.add_argument("--offload-hidden", action="store_true",
+                   help="keep calibration hidden states in CPU memory between blocks (many tokens on a GPU)")
 
     i = sub.add_parser("inspect", help="architecture and parameter counts (no weights are loaded)")
     _add_load_args(i)
@@ -251,7 +261,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     recipe = normalize(_recipe_from_args(args))  # method, score, options and target checked before loading
     protect = _check_recipe(recipe)
     check_output(args.out, args.overwrite, protect)  # fail before a long pruning run, not after it
-    result = run_recipe(recipe, bars=_bars(args))
+    result = run_recipe(recipe, bars=_bars(args), stream=args.stream, out_dir=args.out,
+                        offload_hidden=args.offload_hidden)
     out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     summary = result.summary()
     lines = [
@@ -269,6 +280,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .architectures import spec_for_config
     from .layer_config import head_dim, layer_shapes
+    from .memory import estimate_memory
     from .model_io import LoadOptions, build_empty, load_config, resolve_model_name
     from .params import count_parameters
 
@@ -286,6 +298,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         "per_layer": bool(getattr(config, "is_heterogeneous", False)),
         "layers": [{"layer": i, **s.overrides(), **counts["layers"][i]} for i, s in enumerate(shapes)],
         "parameters": {k: v for k, v in counts.items() if k != "layers"},
+        "memory": {d: estimate_memory(config, device=d).to_dict() for d in ("cpu", "cuda")},  # a data-driven prune
     }
     p = info["parameters"]
     s0 = shapes[0]
@@ -296,6 +309,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         f"(KV {s0.num_key_value_heads}, dim {info['head_dim']}), MLP {s0.intermediate_size}, vocab {config.vocab_size}",
         f"parameters  total {p['total']:,} = embeddings {p['embeddings']:,} + lm_head {p['lm_head']:,} + "
         f"attention {p['attention']:,} + mlp {p['mlp']:,} + norms {p['total'] - p['embeddings'] - p['lm_head'] - p['attention'] - p['mlp']:,}",
+        f"memory      a data-driven prune on CPU {estimate_memory(config).describe()}",
     ]
     if info["per_layer"]:
         lines += [f"  layer {l['layer']:>3}: heads {l['num_attention_heads']}/{l['num_key_value_heads']} "
@@ -310,19 +324,25 @@ def _evaluate(name: str | None, args: argparse.Namespace):
     from .evaluate import perplexity_of_file
     from .model_io import LoadOptions, load_model, resolve_model_name
     from .params import count_parameters
+    from .memory import too_big_for_memory
     from .speed import folder_bytes, weight_bytes
+    from .streaming import is_streamed
 
     path = resolve_model_name(name)
     opts = LoadOptions(revision=args.revision, dtype=args.dtype or "auto", device=args.device,
                        device_map=args.device_map, allow_pickle=bool(args.allow_pickle),
                        trust_remote_code=bool(args.trust_remote_code))
-    model, tokenizer = load_model(path, opts)
+    too_big = too_big_for_memory(path, opts)
+    model, tokenizer = load_model(path, replace(opts, stream=bool(args.stream or (args.stream is None and too_big))))
     result = {"model": name or public_model_name(path), "parameters": count_parameters(model, spec_for_config(
         model.config))["total"], "weight_bytes": weight_bytes(model), "disk_bytes": folder_bytes(path)}
     if not args.no_ppl:
         ppl = perplexity_of_file(model, tokenizer, args.ppl, max_length=args.max_length, stride=args.stride,
                                  batch_size=args.batch_size, max_tokens=args.max_tokens)
         result.update(perplexity=ppl.to_dict(), text=public_model_name(args.ppl))
+    if args.tasks and is_streamed(model):
+        raise EnvironmentFailure(f"lm-eval needs the model in memory: {too_big or 'it streams from disk'}. Use a "
+                                 "machine with more memory, or evaluate perplexity only (it streams).")
     if args.tasks:
         from .harness import DEFAULT_TASKS, run_tasks
 
@@ -334,18 +354,40 @@ def _evaluate(name: str | None, args: argparse.Namespace):
 def _speed(models: list, args: argparse.Namespace) -> list[dict]:
     """Speed of one model, or of two in interleaved rounds (with a progress bar)."""
     from .progress import Progress
-    from .speed import measure_pair, measure_speed
+    from .streaming import is_streamed, whole
 
     sizes = dict(prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
                  repeats=args.repeats, warmup=args.warmup)
     progress = Progress(bars=_bars(args), unit="round")
     try:
-        if len(models) == 1:
-            return [measure_speed(models[0], progress=progress.update, **sizes)]
-        reference, candidate = measure_pair(models[1], models[0], progress=progress.update, **sizes)
-        return [candidate, reference]
+        with contextlib.ExitStack() as stack:
+            for model in models:  # a streamed model that fits is loaded whole for timing
+                if is_streamed(model):
+                    stack.enter_context(whole(model))
+            return _timed(models, sizes, progress)
     finally:
         progress.close()
+
+
+def _timed(models: list, sizes: dict, progress) -> list[dict]:
+    from .speed import measure_pair, measure_speed
+
+    if len(models) == 1:
+        return [measure_speed(models[0], progress=progress.update, **sizes)]
+    reference, candidate = measure_pair(models[1], models[0], progress=progress.update, **sizes)
+    return [candidate, reference]
+
+
+def _not_timeable(models: list) -> str | None:
+    """Why speed cannot be measured (a streamed model that does not fit whole in memory), or None."""
+    from .memory import model_too_big
+    from .streaming import is_streamed
+
+    for model in models:
+        reason = model_too_big(model) if is_streamed(model) else None
+        if reason:
+            return f"speed needs the model on one device and {reason}"
+    return None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -360,10 +402,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.speed:
             models.append(model)  # kept: two models are timed in interleaved rounds
         del model
-    if args.speed:
+    why_not = _not_timeable(models) if args.speed else None
+    if why_not:
+        logger.warning("speed not measured: %s", why_not)
+        for result in results:
+            result["speed"], result["speed_not_measured"] = None, why_not
+    elif args.speed:
         for result, speed in zip(results, _speed(models, args)):
             result["speed"] = speed
     del models
+    speeds = args.speed and not why_not
+    if why_not:
+        rows_note = [("speed", lambda r: "not measured (does not fit in memory)")]
+    else:
+        rows_note = []
     rows = [("parameters", lambda r: f"{r['parameters']:,}"), ("weights MB", lambda r: f"{r['weight_bytes'] / 1e6:.1f}")]
     if not args.no_ppl:
         rows += [("perplexity", lambda r: f"{r['perplexity']['perplexity']:.3f}"),
@@ -371,7 +423,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for task, metrics in (results[0].get("lm_eval") or {}).get("tasks", {}).items():
         rows += [(f"{task} {m}"[:24], lambda r, t=task, m=m: f"{r['lm_eval']['tasks'][t][m]:.4f}")
                  for m in metrics if "stderr" not in m]
-    if args.speed:
+    rows += rows_note
+    if speeds:
         from .compare import timing_text
 
         rows += [(("prefill ms" if key == "prefill" else f"decode ms b{key.removeprefix('decode_b')}"),
@@ -385,7 +438,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if not args.no_ppl:
             ratios["perplexity"] = a["perplexity"]["perplexity"] / b["perplexity"]["perplexity"]
         parts = [f"{k.replace('_', ' ')} x{v:.3f}" for k, v in ratios.items()]
-        if args.speed:
+        if speeds:
             payload["speed"] = compare_timings(b["speed"], a["speed"])
             ratios.update(speed_ratios(b["speed"], a["speed"], measurable_only=True))
             parts += [f"{entry['label']}: {entry['text']}" for entry in payload["speed"]["metrics"].values()]

@@ -17,6 +17,7 @@ card's `model-index`, and the table says so instead of printing a ratio.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
@@ -28,8 +29,10 @@ from huggingface_hub import EvalResult
 from .architectures import spec_for_config
 from .evaluate import perplexity_of_file
 from .params import count_parameters
+from .memory import model_too_big
 from .speed import (NOT_MEASURABLE, ProgressCallback, compare_timings, measure_pair, measure_speed, speed_ratios,
                     weight_bytes)
+from .streaming import is_streamed, whole
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +73,41 @@ class Measurement:
         return asdict(self)
 
 
-def speed_of(model, s: EvalSettings, progress: ProgressCallback | None = None) -> dict:
-    """`measure_speed` with the settings' sizes (clamped to the model's context length)."""
-    return measure_speed(model, prompt_len=s.prompt_tokens, new_tokens=s.new_tokens, batch_sizes=s.batch_sizes,
-                         repeats=s.repeats, warmup=s.warmup, progress=progress)
+def _not_timeable(model) -> str | None:
+    """Why a model cannot be timed (a streamed model that does not fit whole in memory), or None."""
+    reason = model_too_big(model) if is_streamed(model) else None
+    return f"it needs the model on one device and {reason}" if reason else None
+
+
+def speed_of(model, s: EvalSettings, progress: ProgressCallback | None = None) -> dict | None:
+    """`measure_speed` with the settings' sizes (clamped to the model's context length). A streamed model is
+    loaded whole for it when it fits; when it does not, None (and a warning saying why)."""
+    why_not = _not_timeable(model)
+    if why_not:
+        logger.warning("speed not measured: %s", why_not)
+        return None
+    with whole(model) if is_streamed(model) else contextlib.nullcontext():
+        return measure_speed(model, prompt_len=s.prompt_tokens, new_tokens=s.new_tokens, batch_sizes=s.batch_sizes,
+                             repeats=s.repeats, warmup=s.warmup, progress=progress)
 
 
 def speed_pair(base_model, pruned_model, s: EvalSettings, rounds: int = 1,
-               progress: ProgressCallback | None = None) -> tuple[dict, dict]:
+               progress: ProgressCallback | None = None) -> tuple[dict | None, dict | None]:
     """Speed of both models measured in interleaved rounds (`s.repeats * rounds` of them, see
-    `core.speed.measure_pair`): a busy machine slows both alike, and `compare_timings` pairs the rounds."""
-    return measure_pair(base_model, pruned_model, prompt_len=s.prompt_tokens, new_tokens=s.new_tokens,
-                        batch_sizes=s.batch_sizes, repeats=s.repeats * max(rounds, 1), warmup=s.warmup,
-                        progress=progress)
+    `core.speed.measure_pair`): a busy machine slows both alike, and `compare_timings` pairs the rounds.
+    (None, None) with a warning when one of them is a streamed model that does not fit whole in memory."""
+    models = (base_model, pruned_model)
+    why_not = next((w for w in map(_not_timeable, models) if w), None)
+    if why_not:
+        logger.warning("speed not measured: %s", why_not)
+        return None, None
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if is_streamed(model):
+                stack.enter_context(whole(model))
+        return measure_pair(base_model, pruned_model, prompt_len=s.prompt_tokens, new_tokens=s.new_tokens,
+                            batch_sizes=s.batch_sizes, repeats=s.repeats * max(rounds, 1), warmup=s.warmup,
+                            progress=progress)
 
 
 def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
@@ -103,9 +128,14 @@ def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
     if settings.tasks and tokenizer is not None:
         from .harness import run_tasks
 
+        reason = model_too_big(model) if is_streamed(model) else None
+        if reason:  # lm-eval runs whole models only
+            logger.warning("lm-eval not run: it needs the model in memory and %s", reason)
+            return m
         step("lm-eval")
-        m.lm_eval = run_tasks(model, tokenizer, list(settings.tasks), list(settings.task_dirs),
-                              settings.task_limit)["tasks"]
+        with whole(model) if is_streamed(model) else contextlib.nullcontext():
+            m.lm_eval = run_tasks(model, tokenizer, list(settings.tasks), list(settings.task_dirs),
+                                  settings.task_limit)["tasks"]
     return m
 
 

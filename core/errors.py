@@ -99,9 +99,17 @@ def describe_failure(err: BaseException) -> tuple[str, int] | None:
     if type(err).__name__ == "SafetensorError":
         return (f"A weights file could not be read ({text}): it is damaged, truncated or not safetensors. "
                 "Download the model again."), 2
-    if isinstance(err, RuntimeError) and ("size mismatch" in text or "ignore_mismatched_sizes" in text):
+    if isinstance(err, RuntimeError) and ("size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err)):
         return ("The weights do not have the shapes the model's config.json describes: the folder mixes files of "
                 "different models. Download the model again."), 2
     if isinstance(err, UnicodeDecodeError):
         return f"A text file is not UTF-8 ({err.reason} at byte {err.start}). Convert it to UTF-8.", 2
     return None
+
+
+class DiskFullError(EnvironmentFailure):
+    """The output does not fit on the disk (checked before each write, and reported when a write runs out)."""
+
+
+class InsufficientMemoryError(PruningError, MemoryError):
+    """A prune would not fit in the free memory of its device (refused before anything large is loaded)."""

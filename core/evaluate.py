@@ -2,7 +2,8 @@
 
 Windows of `max_length` tokens start every `stride` tokens; each token is scored once, by the first window that
 contains it with context (the tokens a window shares with the previous one are context only). Windows of equal
-length are batched.
+length are batched. A streamed model (core.streaming) is evaluated layer by layer: every window of a length goes
+through block i before block i + 1 is loaded, so the model is read once per window length, not once per batch.
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .architectures import spec_for_config
 from .errors import CalibrationError
+from .pipeline import model_logits
+from .streaming import drop_head
 
 
 @dataclass(frozen=True)
@@ -50,17 +54,19 @@ def perplexity_of_ids(model, ids: torch.Tensor, max_length: int = 256, stride: i
         raise ValueError(f"stride must be in (0, max_length]; got {stride} with max_length {max_length}")
     if ids.numel() < 2:
         raise CalibrationError("Perplexity needs at least two tokens of text.")
-    device = next(model.parameters()).device
+    stream = getattr(model, "core_stream", None)
+    spec = spec_for_config(model.config) if stream is not None else None
     spans = windows(ids.numel(), max_length, stride)
     total_nll, total_tokens = 0.0, 0
     by_length: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
         by_length.setdefault(span[1] - span[0], []).append(span)
     for group in by_length.values():
-        for start in range(0, len(group), batch_size):
+        rows = torch.stack([ids[b:e] for b, e, _ in group])
+        for start, (batch, logits) in zip(range(0, len(group), batch_size),
+                                          model_logits(model, spec, rows, batch_size)):
             chunk = group[start:start + batch_size]
-            batch = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
-            logits = model(batch, use_cache=False).logits[:, :-1].float()
+            logits = logits[:, :-1].float()
             targets = batch[:, 1:]
             nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, L-1]
             mask = torch.zeros_like(nll, dtype=torch.bool)
@@ -68,6 +74,9 @@ def perplexity_of_ids(model, ids: torch.Tensor, max_length: int = 256, stride: i
                 mask[row, first - 1:] = True
             total_nll += nll[mask].sum().item()
             total_tokens += int(mask.sum().item())
+    if stream is not None:  # the head and the last block leave memory
+        stream.release()
+        drop_head(model)
     mean = total_nll / total_tokens
     return Perplexity(math.exp(mean), mean, total_tokens, len(spans), max_length, stride)
 

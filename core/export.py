@@ -11,7 +11,7 @@ import yaml
 
 from .card import base_license, is_local_name, model_card, public_model_name
 from .prune import PruneResult
-from .staging import check_target, staged_output
+from .staging import check_target, is_staging_of, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,23 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, protect: t
 
 def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool = False,
                 max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None) -> Path:
-    """Write the pruned model to `out_dir` atomically (see `core.staging`). Returns the final path."""
+    """Write the pruned model to `out_dir` atomically (see `core.staging`). Returns the final path.
+
+    A streamed result (see core.streaming) already wrote its changed blocks, into the staging folder of this
+    output when `run_recipe` was given it: that folder is completed and moved into place, and the result's
+    model then streams from the output."""
     out = check_output(out_dir, overwrite)
-    with staged_output(out, overwrite) as tmp:
-        _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {}, out)
+    stream = getattr(result.model, "core_stream", None)
+    adopt = stream.work if stream is not None and is_staging_of(stream.work, out) else None
+    try:
+        with staged_output(out, overwrite, adopt=adopt) as tmp:
+            _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {}, out)
+    except BaseException:
+        if adopt is not None:  # the run's written blocks were in the removed folder
+            stream.close()
+        raise
+    if stream is not None:  # the written blocks are in the output now: stream from there
+        stream.reopen(out)
     logger.info("wrote %s", out)
     return out
 
@@ -72,6 +85,9 @@ def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool
 def _save_weights(model, folder: Path, max_shard_size: str) -> None:
     """save_pretrained (always safetensors in transformers 5) in the source checkpoint's dtype when it is known:
     a bf16 model pruned in float32 on a CPU is written back in bf16. The in-memory model keeps its own tensors."""
+    if getattr(model, "core_stream", None) is not None:
+        _save_streamed(model, folder, max_shard_size)
+        return
     target = getattr(model, "source_dtype", None)
     params = [p for p in model.parameters() if p.is_floating_point()]  # tied weights appear once
     if target is None or not params or all(p.dtype == target for p in params):
@@ -86,6 +102,27 @@ def _save_weights(model, folder: Path, max_shard_size: str) -> None:
         for p, data in zip(params, originals):
             p.data = data
         model.config.dtype = originals[0].dtype
+
+
+def _save_streamed(model, folder: Path, max_shard_size: str) -> None:
+    """A streamed model's shards (one per decoder block, see BlockStore.write_weights), config and generation
+    config, as save_pretrained would write them."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if model.source_dtype is not None:  # the dtype to publish in (e.g. the bot's publish_dtype)
+        model.core_stream.source_dtype = model.source_dtype
+    model.core_stream.write_weights(folder, convert_file_size_to_int(max_shard_size))
+    config = model.config
+    saved = config.dtype, config.architectures
+    config.architectures = [type(model).__name__]
+    if model.source_dtype is not None:
+        config.dtype = model.source_dtype
+    try:
+        config.save_pretrained(folder)
+    finally:
+        config.dtype, config.architectures = saved
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
 
 
 def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict,

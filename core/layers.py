@@ -32,7 +32,15 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    """The decoder-layer list. Indexing it (`layers[i]`) gives block i with its weights: a streamed model loads
+    them then (see core.streaming); iterating it or `layer_at` never loads anything."""
     return get_submodule(model, spec.layers)
+
+
+def layer_at(layers: nn.ModuleList, i: int) -> nn.Module:
+    """The module at position i as it stands, without loading a streamed block's weights (they may be on the meta
+    device): for shapes, counting and swapping sub-modules."""
+    return list(layers)[i]
 
 
 def decoder_layer_class(model_class: type) -> type:
@@ -137,8 +145,9 @@ def build_layer(layer_class: type, spec: ArchSpec, layer_config, layer_idx: int,
             if key not in state and weight is not None:
                 state[key] = torch.zeros(tensor.shape, dtype=weight.dtype, device=weight.device)
     layer.load_state_dict(state, strict=True, assign=True)
-    leftover = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
-    assert not leftover, f"tensors left uninitialised after rebuilding layer {layer_idx}: {leftover}"
+    if not any(t.is_meta for t in state.values()):  # a streamed model's unloaded blocks are rebuilt on meta
+        leftover = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
+        assert not leftover, f"tensors left uninitialised after rebuilding layer {layer_idx}: {leftover}"
     return layer
 
 
@@ -165,10 +174,10 @@ def units_disabled(model: nn.Module, spec: ArchSpec, unit: str, indices) -> Iter
     try:
         for i in sorted(set(indices)):
             if unit == "block":
-                restore.append((layers, str(i), layers[i]))
+                restore.append((layers, str(i), layer_at(layers, i)))
                 layers[i] = PassThrough()
                 continue
-            layer = layers[i]
+            layer = layer_at(layers, i)
             module = spec.attention.module if unit == SKIP_ATTENTION else spec.mlp.module
             stub = SkippedAttention(hidden, i) if unit == SKIP_ATTENTION else SkippedMlp(hidden)
             swaps = [(module, stub)]

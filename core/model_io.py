@@ -36,6 +36,7 @@ class LoadOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     local_files_only: bool | None = None  # default: the HF_HUB_OFFLINE setting
+    stream: bool = False  # decoder blocks stay on disk and load one at a time (core.streaming)
 
 
 def resolve_model_name(name: str | None) -> str:
@@ -52,15 +53,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """'auto' or None: cuda when present, else cpu; anything else as given."""
+    return default_device() if device in (None, "", "auto") else device
+
+
+def compute_dtype(name: str, device: str, config) -> torch.dtype:
+    """The dtype a model computes in for a LoadOptions dtype ('auto': float32 on CPU, the checkpoint's on GPU)."""
+    return _torch_dtype(name, device, config)
+
+
 def _torch_dtype(name: str, device: str, config) -> torch.dtype:
-    if name == "checkpoint":  # what plain `from_pretrained` gives: the dtype the weights are stored in
-        stored = getattr(config, "dtype", None)
-        return stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32)
-    if name == "auto":
-        if device.startswith("cpu"):
-            return torch.float32
-        stored = getattr(config, "dtype", None)
-        return stored if isinstance(stored, torch.dtype) else torch.bfloat16
+    if name == "auto" and device.startswith("cpu"):
+        return torch.float32
+    if name in ("auto", "source", "checkpoint"):  # the checkpoint's own dtype (what plain `from_pretrained` gives)
+        fallback = torch.float32 if name == "checkpoint" or device.startswith("cpu") else torch.bfloat16
+        return _stored_dtype(config) or fallback
     try:
         return _DTYPES[name]
     except KeyError:
@@ -127,10 +135,12 @@ def load_model(name: str | None = None, opts: LoadOptions = LoadOptions()):
     from transformers import AutoModelForCausalLM
 
     name = resolve_model_name(name)
+    if opts.stream:
+        return load_streamed(name, opts)
     config = load_config(name, opts)
     spec = spec_for_config(config)
     _check_weights_format(name, opts.allow_pickle, opts.subfolder)
-    device = opts.device or default_device()
+    device = resolve_device(opts.device)
     kwargs = dict(_hub_kwargs(opts), config=config, dtype=_torch_dtype(opts.dtype, device, config),
                   use_safetensors=None if opts.allow_pickle else True)
     if opts.device_map:
@@ -144,12 +154,70 @@ def load_model(name: str | None = None, opts: LoadOptions = LoadOptions()):
         raise ModelLoadError(f"Could not load the weights of {name!r}: {str(err).splitlines()[0]}{hint}") from err
     if not opts.device_map:
         model.to(device)
-    # the checkpoint's own dtype: exports are written in it, whatever dtype the model was computed in
-    stored = getattr(config, "dtype", None)
-    model.source_dtype = stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), None)
+    model.source_dtype = _stored_dtype(config)
     model.eval()
     model.config.use_cache = True
     return model, load_tokenizer(name, opts)
+
+
+def _stored_dtype(config) -> torch.dtype | None:
+    """The checkpoint's own dtype: exports are written in it, whatever dtype the model was computed in."""
+    stored = getattr(config, "dtype", None)
+    return stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), None)
+
+
+# what a streamed run downloads from the Hub: weights, configs and tokenizer files, nothing else
+STREAM_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja")
+
+
+def local_folder(name: str, opts: LoadOptions = LoadOptions()) -> Path:
+    """The local folder of a model: the folder itself, or the safetensors shards, configs and tokenizer files of a
+    Hub repo downloaded to the Hugging Face cache (nothing else: no pickle weights, no code)."""
+    folder = Path(name) / (opts.subfolder or "")
+    if Path(name).exists():
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    prefix = f"{opts.subfolder.strip('/')}/" if opts.subfolder else ""
+    try:
+        root = snapshot_download(name, revision=opts.revision, token=opts.token,
+                                 local_files_only=bool(opts.local_files_only),
+                                 allow_patterns=[prefix + p for p in STREAM_PATTERNS])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise ModelLoadError(f"Could not download {name!r}: {str(err).splitlines()[0]}. Pass a local folder that "
+                             "contains config.json and *.safetensors, or check the name and your access.") from err
+    return Path(root) / (opts.subfolder or "")
+
+
+def can_stream(name: str, opts: LoadOptions) -> bool:
+    """Whether `name` can be streamed: safetensors weights, no device map (accelerate places those models)."""
+    if opts.device_map:
+        return False
+    folder = Path(name) / (opts.subfolder or "")
+    if Path(name).exists():
+        return any(folder.glob("*.safetensors"))
+    return not opts.allow_pickle  # a Hub repo: its safetensors shards are downloaded, pickle-only repos are not
+
+
+def load_streamed(name: str, opts: LoadOptions = LoadOptions()):
+    """Like `load_model`, but the decoder blocks stay on disk and load one at a time (core.streaming): memory
+    holds one block, not the model. Hub models are downloaded first (shards, configs, tokenizer files)."""
+    from .streaming import open_streamed
+
+    name = resolve_model_name(name)
+    if opts.device_map:
+        raise ModelLoadError("A device map places a model that is loaded whole; streaming loads one block at a "
+                             "time on one device. Drop --device-map, or load it in memory (--no-stream).")
+    config = load_config(name, opts)
+    spec_for_config(config)
+    folder = local_folder(name, opts)
+    _check_weights_format(str(folder), allow_pickle=False)  # streaming reads safetensors only
+    device = resolve_device(opts.device)
+    model = open_streamed(folder, config, device, _torch_dtype(opts.dtype, device, config), _stored_dtype(config),
+                          opts.trust_remote_code)
+    return model, load_tokenizer(str(folder), LoadOptions(trust_remote_code=opts.trust_remote_code,
+                                                          local_files_only=True))
 
 
 def build_empty(config):

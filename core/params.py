@@ -7,7 +7,7 @@ from torch import nn
 
 from .architectures import ArchSpec
 from .layer_config import head_dim, layer_shapes
-from .layers import decoder_layers
+from .layers import decoder_layers, layer_at
 
 
 def _numel(module: nn.Module | None) -> int:
@@ -67,7 +67,7 @@ def _bias_numel(module: nn.Module) -> int:
 
 
 def unit_costs(model: nn.Module, spec: ArchSpec, layer_idx: int) -> UnitCosts:
-    layer = decoder_layers(model, spec)[layer_idx]
+    layer = layer_at(decoder_layers(model, spec), layer_idx)  # shapes only: a streamed block stays on disk
     shape = layer_shapes(model.config)[layer_idx]
     d, dh = model.config.hidden_size, head_dim(model.config)
     attn = layer.get_submodule(spec.attention.module)

@@ -3,6 +3,11 @@
 Capture the hidden states entering block 0 (and the keyword arguments every block receives), then for each block:
 calibrate (hooks on that block only) -> score -> slice -> recompute its outputs, which become the next block's
 inputs. Only one block's activations exist at a time, so peak memory is the weights plus one layer's activations.
+For a streamed model (core.streaming) indexing block i loads it, so only one block's weights exist at a time too.
+
+`model_logits` is the one whole-model forward for methods that need logits (sub-network utilities, evaluation):
+batch by batch in memory, layer by layer (every batch through block i, then block i + 1) when streamed, so a
+streamed model is read once per call, not once per batch.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 from torch import nn
 
 from .architectures import ArchSpec
-from .layers import decoder_layers
+from .layers import PassThrough, decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,13 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids go: the compute device of a streamed model (its embedding stays on disk), else the
+    embedding's device."""
+    stream = getattr(model, "core_stream", None)
+    return stream.device if stream is not None else _device_of(model.get_input_embeddings())
+
+
 class LayerwiseRunner:
     """Feeds calibration batches through a model's decoder one block at a time.
 
@@ -54,7 +66,9 @@ class LayerwiseRunner:
         self.model = model
         self.spec = spec
         self.layers = decoder_layers(model, spec)
-        self.store_device = torch.device(store_device) if store_device else _device_of(self.layers[0])
+        stream = getattr(model, "core_stream", None)
+        home = stream.device if stream is not None else _device_of(self.layers[0])
+        self.store_device = torch.device(store_device) if store_device else home
         self.hidden: list[torch.Tensor] = []
         self.layer_kwargs: list[list[dict]] = []  # [batch][layer] -> kwargs
         self._capture(input_ids, batch_size)
@@ -68,7 +82,7 @@ class LayerwiseRunner:
         parent_path = self.spec.layers.rpartition(".")[0]
         decoder = self.model.get_submodule(parent_path)
         originals = list(self.layers)
-        device = _device_of(self.model.get_input_embeddings())
+        device = input_device(self.model)
         try:
             for start in range(0, input_ids.shape[0], batch_size):
                 batch = input_ids[start:start + batch_size].to(device)
@@ -118,3 +132,43 @@ def forward_hooks(modules: dict[str, nn.Module], fn: Callable[[str, nn.Module, t
     finally:
         for h in handles:
             h.remove()
+
+
+class _Replay(nn.Module):
+    """Takes block 0's place for one forward: outputs precomputed final hidden states (the model's own code then
+    applies its final norm, head and logit soft-capping)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden.to(hidden_states.device)
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, batch_size: int = 8,
+                 store_device: str | torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(batch ids [b, T], logits [b, T, vocab]) for `input_ids` [n, T] in batches of `batch_size` rows."""
+    device = input_device(model)
+    batches = [input_ids[s:s + batch_size] for s in range(0, input_ids.shape[0], batch_size)]
+    if getattr(model, "core_stream", None) is None:
+        for batch in batches:
+            batch = batch.to(device)
+            yield batch, model(batch, use_cache=False).logits
+        return
+    runner = LayerwiseRunner(model, spec, input_ids, batch_size, store_device)
+    for i in range(len(runner.layers)):
+        runner.advance(i)
+    layers = runner.layers
+    originals = list(layers)
+    try:
+        for batch, hidden in zip(batches, runner.hidden):
+            layers[0] = _Replay(hidden)
+            for i in range(1, len(originals)):
+                layers[i] = PassThrough()
+            batch = batch.to(device)
+            yield batch, model(batch, use_cache=False).logits
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer

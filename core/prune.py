@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,14 @@ from .card import public_model_name
 from .errors import InvalidTargetError, ModelLoadError, RecipeError, UnknownNameError
 from .layer_config import layer_shapes
 from .methods import METHODS, PruneContext
-from .model_io import LoadOptions, load_model, resolve_model_name
+from .memory import check_fits
+from .model_io import (LoadOptions, can_stream, compute_dtype, load_config, load_model, resolve_device,
+                       resolve_model_name)
 from .params import count_parameters
 from .progress import Progress, ProgressCallback
 from .recipe import Recipe
 from .scores import MLP_SCORES
+from .streaming import drop_head, reopen
 
 logger = logging.getLogger(__name__)
 
@@ -104,21 +107,29 @@ def _hub_revision(name: str, revision: str | None) -> str | None:
 
 
 def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallback | None = None,
-          bars: bool = False, base_model: str | None = None) -> PruneResult:
-    """Prune `model` in place according to `recipe`."""
+          bars: bool = False, base_model: str | None = None, offload_hidden: bool = False) -> PruneResult:
+    """Prune `model` in place according to `recipe`. A streamed model (`LoadOptions(stream=True)`) is pruned one
+    block at a time; its changed blocks wait on disk until `save_pruned`. `offload_hidden` keeps the calibration
+    hidden states in CPU memory between blocks (for many calibration tokens on a GPU)."""
     recipe = normalize(recipe)
     spec = spec_for_config(model.config)
     method = METHODS.get(recipe.method)
-    if any(p.is_meta for p in model.parameters()):
+    stream = getattr(model, "core_stream", None)
+    if stream is None and any(p.is_meta for p in model.parameters()):
         raise ModelLoadError("Some weights were offloaded to disk by the device map (they sit on 'meta'); pruning "
                              "needs every weight in CPU or GPU memory. Give the device map enough CPU memory "
                              "(max_memory) instead of disk offload.")
+    if stream is not None:  # refused before the first block if even one block at a time cannot fit
+        check_fits(model.config, recipe, str(stream.device), stream.dtype, True, offload_hidden)
     prog = Progress(progress, bars)
-    ctx = PruneContext(model, tokenizer, spec, recipe, prog)
+    ctx = PruneContext(model, tokenizer, spec, recipe, prog, store_device="cpu" if offload_hidden else None)
     before = count_parameters(model, spec)
     start = time.perf_counter()
     try:
         report = method.run(ctx)
+        if stream is not None:  # the last block's changes reach the disk; the head leaves memory
+            stream.release()
+            drop_head(model)
     finally:
         prog.close()
     seconds = time.perf_counter() - start
@@ -148,12 +159,42 @@ def _check_target(recipe: Recipe, before: int, after: int) -> None:
                        f"{wanted:,}", f"{removed:,}", 100 * (removed - wanted) / wanted)
 
 
-def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False) -> PruneResult:
-    """Load the recipe's model and prune it."""
+def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False,
+               stream: bool | None = None, out_dir: str | Path | None = None,
+               offload_hidden: bool = False) -> PruneResult:
+    """Load the recipe's model and prune it.
+
+    By default the model streams (one decoder block in memory at a time, see core.streaming) whenever it can:
+    safetensors weights and no device map; `stream=False` loads it whole, `stream=True` insists on streaming.
+    A streamed run writes its changed blocks as it goes: into the temporary folder of `out_dir` when given (the
+    folder `save_pruned(result, out_dir)` then moves into place), else into a temporary folder of its own; both
+    are removed if the run fails.
+    """
     recipe = normalize(recipe)
     name = resolve_model_name(recipe.model)
     load = recipe.load
     opts = LoadOptions(revision=recipe.revision, dtype=load.dtype, device=load.device, device_map=load.device_map,
                        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)
-    model, tokenizer = load_model(name, opts)
-    return prune(model, tokenizer, recipe, progress, bars, base_model=recipe.model or name)
+    streamed = can_stream(name, opts) if stream is None else stream
+    # weights only: scores compute in float32 from their own copies and surgery only slices, so streamed blocks
+    # stay in the checkpoint's dtype while pruning (half the memory, no casts; the result is the same bit for bit)
+    in_source_dtype = streamed and load.dtype == "auto" and not METHODS.get(recipe.method).needs_data(recipe)
+    if not opts.device_map:  # refused before loading anything when it cannot fit (accelerate places device maps)
+        check_fits(load_config(name, opts), recipe, resolve_device(opts.device),
+                   "source" if in_source_dtype else opts.dtype, streamed, offload_hidden)
+    model, tokenizer = load_model(name, replace(opts, stream=streamed, dtype="source" if in_source_dtype else opts.dtype))
+    store = getattr(model, "core_stream", None)
+    try:
+        if store is not None and out_dir is not None:
+            from .staging import staged_name
+
+            store.use_work_folder(staged_name(Path(out_dir).expanduser().resolve()))
+        result = prune(model, tokenizer, recipe, progress, bars, base_model=recipe.model or name,
+                       offload_hidden=offload_hidden)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    if in_source_dtype:  # the result computes like any other (evaluation, speed) in the usual dtype
+        result.model = reopen(result.model, compute_dtype(opts.dtype, str(store.device), model.config))
+    return result

@@ -109,14 +109,27 @@ def check_target(out_dir: str | os.PathLike, overwrite: bool = False, protect: t
     return out
 
 
+def is_staging_of(folder: Path | None, out: Path) -> bool:
+    """Whether `folder` is a temporary folder (of this process) for the output `out`."""
+    match = _STAGED.match(folder.name) if folder is not None else None
+    return bool(match) and folder.parent == out.parent and match["name"] == out.name and match["kind"] == "tmp" \
+        and int(match["pid"]) == os.getpid()
+
+
 @contextlib.contextmanager
-def staged_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder next to `out_dir`; on success it becomes `out_dir` (replacing it when `overwrite`)."""
+def staged_output(out_dir: str | os.PathLike, overwrite: bool = False, adopt: Path | None = None) -> Iterator[Path]:
+    """A temporary folder next to `out_dir`; on success it becomes `out_dir` (replacing it when `overwrite`).
+
+    `adopt`: a temporary folder of this output that already holds part of it (a streamed run writes its changed
+    blocks into `staged_name(out)` while it prunes); it is completed and moved into place, or removed on failure."""
     out = check_target(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent)
-    tmp = staged_name(out)
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the final folder; mkdir honours the umask
+    if adopt is not None and not is_staging_of(adopt, out):
+        raise ValueError(f"{adopt} is not a temporary folder of {out}")
+    tmp = adopt if adopt is not None else staged_name(out)
+    if adopt is None:
+        tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the final folder; mkdir honours the umask
     try:
         (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
         yield tmp

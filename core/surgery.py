@@ -15,7 +15,8 @@ from torch import nn
 from .architectures import ArchSpec
 from .errors import InvalidTargetError
 from .layer_config import LayerShape, head_dim, layer_config, layer_shapes, write_layer_shapes
-from .layers import SKIP_ATTENTION, SKIP_MLP, build_layer, decoder_layer_class, decoder_layers, set_layer_index
+from .layers import (SKIP_ATTENTION, SKIP_MLP, build_layer, decoder_layer_class, decoder_layers, layer_at,
+                     set_layer_index)
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _drop_branch(state: dict, spec: ArchSpec, branch: str) -> None:
 
 
 def _replace_layer(layers: nn.ModuleList, i: int, new: nn.Module) -> None:
-    old = layers[i]
+    old = layer_at(layers, i)
     hook = getattr(old, "_hf_hook", None)
     if hook is not None:  # keep accelerate's device placement for dispatched models
         from accelerate.hooks import add_hook_to_module
@@ -180,11 +181,10 @@ def remove_layers(model: nn.Module, spec: ArchSpec, remove: list[int]) -> None:
     keep = [i for i in range(n) if i not in remove_set]
     shapes = layer_shapes(config)
     layers = decoder_layers(model, spec)
-    kept_layers = nn.ModuleList([layers[i] for i in keep])
-    for new_idx, layer in enumerate(kept_layers):
+    for i in sorted(remove_set, reverse=True):  # in place: a streamed layer list keeps track of its blocks
+        del layers[i]
+    for new_idx, layer in enumerate(layers):
         set_layer_index(layer, new_idx)
-    parent_path, _, name = spec.layers.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, kept_layers)
 
     config.per_layer_config = None
     for list_name in spec.per_layer_lists:
@@ -207,8 +207,8 @@ def enable_bias(model: nn.Module, spec: ArchSpec, branch: str) -> bool:
     setattr(config, flag, True)
     layers = decoder_layers(model, spec)
     layer_class = decoder_layer_class(type(model))
-    for i, shape in enumerate(layer_shapes(config)):
-        new = build_layer(layer_class, spec, layer_config(config, shape), i, dict(layers[i].state_dict()),
+    for i, (layer, shape) in enumerate(zip(layers, layer_shapes(config))):  # iterating loads no streamed block
+        new = build_layer(layer_class, spec, layer_config(config, shape), i, dict(layer.state_dict()),
                           zero_missing_biases=True)
         _replace_layer(layers, i, new)
     return True

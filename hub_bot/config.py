@@ -8,7 +8,7 @@ hub:
   disable_xet: false                 # true for Hub-compatible servers without Xet (the local Hub)
 target_org: pruners
 database: bot.sqlite                 # relative paths are relative to this file
-limits: {max_params: 3e9, max_attempts: 4, backoff_s: 30, backoff_max_s: 3600, retry_after_max_s: 900,
+limits: {max_params: 8e10, max_attempts: 4, backoff_s: 30, backoff_max_s: 3600, retry_after_max_s: 900,
          inline_wait_max_s: 10, lease_s: 300}
 visibility: {private_sources: private, gated_sources: gated}   # or `refuse`: no variant of such sources
 evaluation:
@@ -65,7 +65,8 @@ class HubSettings:
 
 @dataclass(frozen=True)
 class Limits:
-    max_params: float = 3e9  # refuse sources larger than this (parameters, from the safetensors headers)
+    max_params: float = 8e10  # refuse sources larger than this (parameters, from the safetensors headers); 70B
+    # models stream one decoder block at a time (core.streaming): memory is not the limit, disk and time are
     max_attempts: int = 4  # transient failures are retried this many times in all
     backoff_s: float = 30.0  # first retry delay; doubles per attempt
     backoff_max_s: float = 3600.0

@@ -23,12 +23,14 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import core
 from core import LoadOptions, Recipe
+from core.model_io import can_stream
+from core.streaming import is_streamed
 
 from . import card
 from .access import Access, AccessSync
@@ -331,8 +333,12 @@ class Worker:
         logger.info("downloaded the source at its commit", extra=fields)
         self._checkpoint("downloaded", job)
         recipe = Recipe.from_yaml(job.recipe_yaml)
-        model, tokenizer = core.load_model(str(src), LoadOptions(dtype=recipe.load.dtype, device=self.config.device,
-                                                                 local_files_only=True))
+        opts = LoadOptions(dtype=recipe.load.dtype, device=self.config.device, local_files_only=True)
+        # streamed (one decoder block in memory at a time, see core.streaming) whenever the source allows it
+        model, tokenizer = core.load_model(str(src), replace(opts, stream=can_stream(str(src), opts)))
+        if is_streamed(model):  # changed blocks wait in the job's folder, deleted with it
+            model.core_stream.use_work_folder(tmp / "blocks")
+            logger.info("streaming the source from disk, one decoder block at a time", extra=fields)
         base = self.evaluator.base((job.source_repo, job.source_sha, recipe.load.dtype), model, tokenizer)
         result = core.prune(model, tokenizer, recipe, progress=self._progress, base_model=str(src))
         logger.info("pruned: %s -> %s parameters", f"{result.params_before['total']:,}",
@@ -341,7 +347,7 @@ class Worker:
         comparison = self.evaluator.compare(base, result.model, tokenizer)
         dtype = publish_dtype(self.config.publish_dtype, source_config)
         if dtype is not None:  # measured in the working dtype, published like the source (no bigger on disk)
-            result.model.to(dtype)
+            result.model.source_dtype = dtype  # save_pruned writes it in this dtype
         source = card.Source(repo=job.source_repo, sha=job.source_sha, content=content,
                              url=f"{self.api.endpoint.rstrip('/')}/{job.source_repo}/commit/{job.source_sha}",
                              recipe_hash=job.recipe_hash, recipe_name=job.recipe_name)

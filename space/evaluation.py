@@ -36,6 +36,7 @@ class Evidence:
     prompt: str = ""
     generations: tuple[str, str] | None = None  # base, pruned
     disk_bytes: tuple[int | None, int | None] = (None, None)  # safetensors checkpoints, base and pruned
+    streamed: str | None = None  # why the model streamed from disk (too big for memory); None: it was in memory
 
     @property
     def removed_fraction(self) -> float:
@@ -75,10 +76,13 @@ def compare_speed(base_model, pruned_model, settings: Settings) -> tuple[dict, d
     return speed_pair(base_model, pruned_model, eval_settings(settings), settings.speed_rounds)
 
 
-def speed_markdown(comparison: Comparison) -> str:
+def speed_markdown(comparison: Comparison, streamed: str | None = None) -> str:
     """The speed part of the results page: whatever the core measured and how the core words it (its rows of the
     comparison that are about speed). The one place where the Space renders speed."""
     speed = comparison.base.speed
+    if streamed:
+        return (f"Speed and sample generations not measured: they need the whole model on one device and {streamed}, "
+                "so it was pruned and evaluated block by block from disk.")
     if not speed or not comparison.pruned.speed:
         return ("Speed not measured. Turn on “Measure speed” (4 · Evaluation) to compare both models; on a CPU "
                 "it takes longer than the pruning itself.")

@@ -21,6 +21,7 @@ import torch
 
 import core
 from core.layer_config import layer_shapes
+from core.memory import too_big_for_memory
 from core.model_io import LoadOptions, load_model, load_pruned, load_tokenizer
 from core.speed import folder_bytes
 
@@ -249,12 +250,23 @@ run_on_gpu = gpu.gpu_task(_gpu_part, duration=_gpu_seconds)
 def _prune_and_measure(reporter: Reporter, prep: Prepared, form: forms.Form, settings: Settings, folder: Path,
                        user: str | None) -> Measured:
     info, opts = prep.info, LoadOptions(device=settings.device)
-    reporter.stage("load", None, f"{info.label}, {models.fmt_params(info.params)} parameters")
+    # a model larger than free memory streams (one decoder block in memory at a time, core.streaming)
+    too_big = too_big_for_memory(str(prep.base_folder), opts)
+    opts = replace(opts, stream=bool(too_big))
+    reporter.stage("load", None, f"{info.label}, {models.fmt_params(info.params)} parameters"
+                                 f"{', streamed block by block' if too_big else ''}")
     model, tokenizer = load_model(str(prep.base_folder), opts)
-    logger.info("loaded on %s (%s)", next(model.parameters()).device, str(next(model.parameters()).dtype)[6:])
+    if too_big:  # changed blocks wait in the job's folder (deleted with it when the job fails)
+        model.core_stream.use_work_folder(folder / "blocks")
+        logger.info("streamed on %s: %s", model.core_stream.device, too_big)
+    else:
+        logger.info("loaded on %s (%s)", next(model.parameters()).device, str(next(model.parameters()).dtype)[6:])
     tasks = [t.strip() for t in form.lm_eval_tasks.split(",") if t.strip()] if form.lm_eval else None
     measured = evaluation.eval_settings(settings, tasks, int(form.lm_eval_limit or 0) or None)
     prompt = form.prompt or ""
+    if too_big and prompt.strip():  # generating would read the whole model from disk for every token
+        logger.warning("sample generation skipped: it needs the model in memory and %s", too_big)
+        prompt = ""
 
     def measure(stage: str, name: str):
         def step(what: str) -> None:
@@ -284,7 +296,9 @@ def _prune_and_measure(reporter: Reporter, prep: Prepared, form: forms.Form, set
         result.recipe = result.recipe.replace(calibration=replace(result.recipe.calibration, source=prep.calib_name))
         result.calibration = result.recipe.calibration.describe()
     pruned, pruned_text = measure("pruned", "pruned")
-    if form.measure_speed:
+    if form.measure_speed and too_big:
+        logger.warning("speed not measured: it needs the model on one device and %s", too_big)
+    elif form.measure_speed:
         reporter.stage("speed", None, "base and pruned model, in alternation")
         logger.info("speed: base and pruned model, %d rounds", settings.speed_rounds)
         base_again, _ = load_model(str(prep.base_folder), opts)
@@ -292,7 +306,7 @@ def _prune_and_measure(reporter: Reporter, prep: Prepared, form: forms.Form, set
         base.speed, pruned.speed = evaluation.compare_speed(base_again, model, settings)
         del base_again
     evidence = Evidence(evaluation.Comparison(base, pruned, measured), prompt,
-                        (base_text or "", pruned_text or "") if prompt.strip() else None)
+                        (base_text or "", pruned_text or "") if prompt.strip() else None, streamed=too_big)
     rows = chart.layer_rows(before, result.layers(), result.report.get("removed"))
     reporter.stage("save", None, "writing the pruned model")
     out = folder / "model"
@@ -337,6 +351,10 @@ def zip_folder(folder: Path, target: Path) -> Path:
 
 def _generate_pair(base_folder: Path, folder: Path, prompt: str, new_tokens: int, device: str | None
                    ) -> tuple[str, str]:
+    too_big = too_big_for_memory(str(base_folder), LoadOptions(device=device))
+    if too_big:
+        raise SpaceError(f"Sample generations need the whole model in memory and {too_big}: this Space prunes and "
+                         "evaluates it block by block from disk, but cannot generate with it.")
     tokenizer = load_tokenizer(str(folder))
     out = []
     for loader in (lambda: load_model(str(base_folder), LoadOptions(device=device))[0],
@@ -402,7 +420,8 @@ def summary_markdown(res: JobResult) -> str:
     rows = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in res.evidence.rows())
     return (f"| measure | base | pruned | change |\n|---|--:|--:|--:|\n{rows}\n\n"
             f"<small>Perplexity on the first {comparison.pruned.eval_tokens:,} tokens of the "
-            f"{comparison.settings.text_label}.</small>\n\n{evaluation.speed_markdown(comparison)}")
+            f"{comparison.settings.text_label}.</small>\n\n"
+            f"{evaluation.speed_markdown(comparison, res.evidence.streamed)}")
 
 
 def chart_markdown(res: JobResult) -> str:

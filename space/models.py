@@ -14,7 +14,8 @@ from pathlib import Path
 
 from core.architectures import spec_for_config
 from core.layer_config import head_dim, layer_shapes
-from core.model_io import REFERENCE_MODEL, build_empty, load_config
+from core.memory import estimate_memory
+from core.model_io import REFERENCE_MODEL, build_empty, load_config, resolve_device
 from core.params import count_parameters
 
 from .errors import SpaceError
@@ -45,6 +46,7 @@ class ModelInfo:
     mlp: int
     params: int
     weight_bytes: int | None
+    memory: str = ""  # what a prune needs (core.memory.estimate_memory, from the config alone)
 
     @property
     def base_name(self) -> str:
@@ -62,22 +64,23 @@ class ModelInfo:
         size = f" · {self.weight_bytes / 1e6:,.1f} MB of safetensors" if self.weight_bytes else ""
         return (f"**{self.label}** — {self.family} (`{self.model_type}`), {self.num_layers} layers, hidden "
                 f"{self.hidden_size}, {self.heads} query / {self.kv_heads} KV heads of {self.head_dim}, MLP "
-                f"{self.mlp} · **{fmt_params(self.params)} parameters**{size} · needs about "
-                f"{self.params * 4 / 1e9:,.2f} GB of memory on a CPU (float32)")
+                f"{self.mlp} · **{fmt_params(self.params)} parameters**{size} · a prune {self.memory}")
 
 
 def fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
-def _describe(config_dir: str, **fields) -> ModelInfo:
+def _describe(config_dir: str, settings: Settings, **fields) -> ModelInfo:
     config = load_config(config_dir)
     spec = spec_for_config(config)
     counts = count_parameters(build_empty(config), spec)
     s0 = layer_shapes(config)[0]
+    memory = estimate_memory(config, device=resolve_device(settings.device)).describe()  # as `core inspect` shows
     return ModelInfo(family=spec.family, model_type=config.model_type, num_layers=config.num_hidden_layers,
                      hidden_size=config.hidden_size, heads=s0.num_attention_heads, kv_heads=s0.num_key_value_heads,
-                     head_dim=head_dim(config), mlp=s0.intermediate_size, params=counts["total"], **fields)
+                     head_dim=head_dim(config), mlp=s0.intermediate_size, params=counts["total"], memory=memory,
+                     **fields)
 
 
 def resolve(text: str | None, settings: Settings, token: str | bool | None = None) -> ModelInfo:
@@ -102,8 +105,8 @@ def _local(path: Path, settings: Settings, label: str, recipe_model: str | None)
     files = list(path.glob("*.safetensors"))
     if not files:
         raise SpaceError(f"{label} has no *.safetensors weights; the Space loads safetensors only.")
-    return _describe(str(path), label=label, recipe_model=recipe_model, repo_id=None, path=path, revision=None,
-                     weight_bytes=sum(f.stat().st_size for f in files))
+    return _describe(str(path), settings, label=label, recipe_model=recipe_model, repo_id=None, path=path,
+                     revision=None, weight_bytes=sum(f.stat().st_size for f in files))
 
 
 def _hub(repo_id: str, settings: Settings, token: str | bool | None) -> ModelInfo:
@@ -126,8 +129,8 @@ def _hub(repo_id: str, settings: Settings, token: str | bool | None) -> ModelInf
     with tempfile.TemporaryDirectory(prefix="space-config-") as tmp:
         path = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token, cache_dir=tmp,
                                endpoint=settings.endpoint)
-        return _describe(str(Path(path).parent), label=repo_id, recipe_model=repo_id, repo_id=repo_id, path=None,
-                         revision=info.sha, weight_bytes=sum(files[f] or 0 for f in weights) or None)
+        return _describe(str(Path(path).parent), settings, label=repo_id, recipe_model=repo_id, repo_id=repo_id,
+                         path=None, revision=info.sha, weight_bytes=sum(files[f] or 0 for f in weights) or None)
 
 
 def _adapter_message(repo_id: str, revision: str, settings: Settings, token) -> str:

@@ -411,6 +411,9 @@ def test_tokens_never_in_logs_db_or_cards(published, bot, alice, log_file, tmp_p
     records = [json.loads(line) for line in logs.splitlines()]
     done = [r for r in records if r["msg"].startswith("job done")]
     assert done and all({"job", "repo", "sha", "state"} <= set(r) for r in done)
+    streamed = {r["job"] for r in records if r["msg"].startswith("streaming the source from disk")}
+    published_jobs = {r["job"] for r in done if r["msg"].startswith("job done: published")}
+    assert published_jobs and published_jobs <= streamed  # every source was pruned one decoder block at a time
     stored = b"".join(p.read_bytes() for p in bot.config.database.parent.glob("bot.sqlite*"))
     repo = VARIANTS["slimllm-25pct"]
     folder = Path(alice.snapshot_download(repo, local_dir=tmp_path / "variant"))

@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+import core.blocks
+
 from core.methods import METHODS
 from core.scores import HEAD_SCORES
 from core.errors import CalibrationError, ModelLoadError
@@ -186,6 +188,7 @@ def test_unsupported_or_missing_local_models(tmp_path, settings):
 def test_default_model_summary(settings):
     text = handlers.check_model("", settings)
     assert "tiny default" in text and "4 layers" in text and "385,600 parameters" in text
+    assert "a prune needs about" in text and "MiB of RAM streamed (float32, one block of" in text  # before it starts
 
 
 # -------------------------------------------------------------------- a whole job
@@ -228,6 +231,39 @@ def test_job_result(finished, settings, tiny_folder):
     assert json.loads(json.dumps(api))["params_after"] == ev.pruned.params and api["base_model"] == tiny_folder.name
     # on ZeroGPU the job's result crosses processes
     assert pickle.loads(pickle.dumps(res)).evidence.comparison.pruned.params == ev.pruned.params
+
+
+def test_a_model_larger_than_memory_streams(finished, settings, store, monkeypatch):
+    """With (pretended) too little memory for the whole model, the same job streams block by block: same numbers, no speed or generations (and
+    the page says why), nothing outside the job's folder."""
+    import core.memory
+    from core.model_io import LoadOptions, load_config
+
+    free = core.memory.estimate_memory(load_config(str(settings.default_model))).streamed_bytes
+    monkeypatch.setattr(core.memory, "available_bytes", lambda device="cpu": free)  # enough for one block only
+    assert core.memory.too_big_for_memory(str(settings.default_model), LoadOptions())
+    loads = []
+    real_load = core.blocks.BlockStore.load
+    monkeypatch.setattr(core.blocks.BlockStore, "load", lambda self, i, m: loads.append(i) or real_load(self, i, m))
+    form = forms.Form(method="mlp_width", score="maw", target_value="30%", prompt="def add(a, b):",
+                      measure_speed=True)
+    kind, res, events = run(form, settings, store)
+    assert kind == "done", res
+    assert loads and sorted(set(loads)) == [0, 1, 2, 3]  # the blocks were read one at a time from disk
+    logs = [e[1] for e in events if e[0] == "log"]
+    assert any(line.startswith("streamed on cpu: the model needs") for line in logs), logs
+    ev, whole = res.evidence.comparison, finished[1].evidence.comparison
+    assert ev.pruned.params == whole.pruned.params
+    assert ev.base.perplexity == pytest.approx(whole.base.perplexity, rel=1e-5)
+    assert ev.pruned.perplexity == pytest.approx(whole.pruned.perplexity, rel=1e-5)
+    assert ev.base.speed is None and ev.pruned.speed is None and res.evidence.generations is None
+    assert "Speed and sample generations not measured: they need the whole model" in handlers.summary_markdown(res)
+    assert [r["intermediate_size"] for r in res.chart_rows] == [(67, 96)] * 4
+    board = [e[1] for e in events if e[0] == "stage"][-1]
+    assert ("speed", "skipped") in [(s.key, s.state) for s in board.stages]
+    assert not (res.folder.parent / "blocks").exists() or not any((res.folder.parent / "blocks").rglob("*.safetensors"))
+    with pytest.raises(SpaceError, match="need the whole model in memory"):
+        handlers.regenerate(store, JobQueue(), res.job_id, "s1", "import os", settings)
 
 
 def test_speed_is_off_unless_asked_and_a_damaged_model_is_flagged(settings, store):

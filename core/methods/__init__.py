@@ -1,4 +1,23 @@
-"""Pruning methods: each turns a recipe into layer plans for the surgery module. Filled by the submodules."""
+"""Pruning methods: each turns a recipe into layer plans for the surgery module. Filled by the submodules.
+
+The contract that lets every method run on a model larger than memory (a streamed model, see core.streaming)
+with no special case:
+
+- Get block i with `decoder_layers(ctx.model, ctx.spec)[i]` (or through the runner: `ctx.runner()`,
+  `runner.run_layer(i)`, `collect(runner, i, ...)`). Indexing loads a streamed block and releases the block
+  loaded before it, so visit blocks in order and finish with one before touching the next; keep no tensors of
+  a block (weights, `.float()` copies) beyond the step that uses them.
+- For shapes and counts use the config (`layer_shapes`), `count_parameters`, `unit_costs` or `layer_at`:
+  they never load a streamed block.
+- Change a block through surgery (`prune_layer`, `enable_bias`, `remove_layers`) or by in-place operations on
+  its parameters under `torch.no_grad()` (`w.mul_(a)`). A change made through `.data` (`w.data.mul_(a)`) is
+  invisible to the streaming store and would be lost. A changed block is written when the next one is loaded,
+  and every later pass (a new `ctx.runner()`) reads it back as changed.
+- Do not change a block while units are swapped out of it (`units_disabled`): that is for scoring only.
+- For logits of the whole model use `ctx.logits(ids)` (`pipeline.model_logits`): it reads a streamed model once
+  per call instead of once per batch. `model(ids)` also works on a streamed model, one block at a time.
+- Token ids go to `input_device(ctx.model)`, not to the embedding's device (a streamed embedding stays on disk).
+"""
 from __future__ import annotations
 
 import sys
@@ -12,7 +31,7 @@ from ..architectures import ArchSpec
 from ..calibration import check_source, load_calibration
 from ..errors import InvalidTargetError, RecipeError
 from ..options import build_options
-from ..pipeline import LayerwiseRunner
+from ..pipeline import LayerwiseRunner, model_logits
 from ..progress import Progress
 from ..recipe import Recipe
 from ..registry import Registry
@@ -28,6 +47,7 @@ class PruneContext:
     spec: ArchSpec
     recipe: Recipe
     progress: Progress
+    store_device: str | None = None  # where hidden states wait between blocks (None: the compute device)
     _calibration: torch.Tensor | None = field(default=None, repr=False)
 
     def calibration_ids(self) -> torch.Tensor:
@@ -36,7 +56,13 @@ class PruneContext:
         return self._calibration
 
     def runner(self) -> LayerwiseRunner:
-        return LayerwiseRunner(self.model, self.spec, self.calibration_ids(), self.recipe.batch_size)
+        return LayerwiseRunner(self.model, self.spec, self.calibration_ids(), self.recipe.batch_size,
+                               self.store_device)
+
+    def logits(self, ids: torch.Tensor | None = None):
+        """(batch ids, logits) of the whole model on `ids` (default: the calibration data), batch by batch."""
+        ids = self.calibration_ids() if ids is None else ids
+        return model_logits(self.model, self.spec, ids, self.recipe.batch_size, self.store_device)
 
     def layer_seed(self, layer_idx: int) -> int:
         return self.recipe.seed * 100_003 + layer_idx

@@ -17,7 +17,7 @@ import torch
 from ..errors import InvalidTargetError
 from ..feasibility import check_rounding
 from ..layer_config import layer_shapes
-from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers, units_disabled
+from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers, layer_at, units_disabled
 from ..params import count_parameters
 from ..scores import DEPTH_SCORES
 from ..stats import BranchOutputs, collect, linear
@@ -34,7 +34,7 @@ SOURCES = ("unpruned", "pruned")
 
 
 def _unit_params(model, spec, layer_idx: int, unit: str) -> int:
-    layer = decoder_layers(model, spec)[layer_idx]
+    layer = layer_at(decoder_layers(model, spec), layer_idx)
     if unit == "block":
         return sum(p.numel() for p in layer.parameters())
     names = [spec.attention.module if unit == "attention" else spec.mlp.module]
@@ -122,13 +122,9 @@ class Depth(Method):
     @torch.no_grad()
     def utility(self, ctx: PruneContext, opts, reference: list[torch.Tensor] | None) -> float:
         """Utility of the model as it is now: minus the LM loss, or minus the mean logit distance to `reference`."""
-        model = ctx.model
-        ids = ctx.calibration_ids()
-        device = model.get_input_embeddings().weight.device
         total = count = 0.0
-        for b, start in enumerate(range(0, ids.shape[0], ctx.recipe.batch_size)):
-            batch = ids[start:start + ctx.recipe.batch_size].to(device)
-            logits = model(batch, use_cache=False).logits.float()
+        for b, (batch, logits) in enumerate(ctx.logits()):
+            logits = logits.float()
             if opts.utility == "loss":
                 nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="sum")
                 total += nll.item()
@@ -146,10 +142,7 @@ class Depth(Method):
         masks = score.fn.masks(len(candidates), opts.samples, opts.keep, gen)
         reference = None
         if opts.utility == "logit_distance":
-            ids = ctx.calibration_ids()
-            device = model.get_input_embeddings().weight.device
-            reference = [model(ids[s:s + ctx.recipe.batch_size].to(device), use_cache=False).logits.float().cpu()
-                         for s in range(0, ids.shape[0], ctx.recipe.batch_size)]
+            reference = [logits.float().cpu() for _, logits in ctx.logits()]
         utilities = []
         for row, mask in enumerate(masks):
             off = [c for c, present in zip(candidates, mask.tolist()) if not present]

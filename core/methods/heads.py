@@ -111,8 +111,8 @@ class AttentionHeads(Method):
                 stats = HeadContributions(shape.num_attention_heads, dh)
                 collect(runner, i, {"o": (linear(layer, spec, "attention", "o"), stats)})
                 contribution = stats.norm()
-            tensors = attention_tensors(layer, spec, shape, dh, contribution, ctx.layer_seed(i))
-            prune_layer(model, spec, i, plan_heads(score.fn(tensors).cpu(), shape, mode, keep))
+            scores = score.fn(attention_tensors(layer, spec, shape, dh, contribution, ctx.layer_seed(i))).cpu()
+            prune_layer(model, spec, i, plan_heads(scores, shape, mode, keep))  # no weights held past the block
             if runner is not None:
                 runner.advance(i)
             ctx.progress.update("attention_heads", i + 1, n)

@@ -84,8 +84,8 @@ class MlpWidth(Method):
                 collect(runner, i, {"in": (linear(layer, spec, "mlp", in_role), norms),
                                     "down": (linear(layer, spec, "mlp", "down"), norms)})
                 input_norm, act_norm = norms.norm("in"), norms.norm("down")
-            tensors = mlp_tensors(layer, spec, shape, input_norm, act_norm, ctx.layer_seed(i))
-            prune_layer(model, spec, i, LayerPlan(mlp=top_k(score.fn(tensors), kept)))
+            scores = score.fn(mlp_tensors(layer, spec, shape, input_norm, act_norm, ctx.layer_seed(i)))
+            prune_layer(model, spec, i, LayerPlan(mlp=top_k(scores, kept)))  # no weights held past the block
             if runner is not None:
                 runner.advance(i)
             ctx.progress.update("mlp_width", i + 1, n)
