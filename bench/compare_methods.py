@@ -2,9 +2,15 @@
 
 For each case and ratio of *all* parameters removed (10/20/30/50% by default) it loads the reference model, prunes
 it (calibration: the shipped calibration split), and records held-out perplexity on `reference/corpus/eval.txt`
-(a different split: methods are never tuned on the evaluation text), parameters, prune time and peak memory.
-optipfair (installed from PyPI) prunes the same model in the same run with its own MAW (= max + |min|), VOW and
-PON; its MLP percentage is set so that it removes the same number of parameters.
+(a different split: methods are never tuned on the evaluation text), the fraction of parameters actually removed,
+prune time and peak memory. optipfair (installed from PyPI) prunes the same model in the same run with its own MAW
+(= max + |min|), VOW and PON; its MLP percentage is set so that it removes the same number of parameters.
+
+The random baseline runs with 5 seeds (mean and sample standard deviation). Methods whose units are coarse (whole
+blocks, whole heads) cannot remove exactly the nominal fraction: every cell shows the fraction actually removed, and
+a second table compares all methods at equal removed fractions by interpolating log-perplexity linearly in the
+removed fraction between each method's measured points (the dense model at 0; never extrapolated). Depth cases
+also run at 40% to give that interpolation a point between 27% and 54%.
 
     python bench/compare_methods.py                 # default run, < 20 min on a 2-core CPU
     python bench/compare_methods.py --cases maw,slimllm --ratios 0.2
@@ -18,6 +24,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import platform
 import sys
 import threading
@@ -45,22 +52,27 @@ class Case:
     method: str = ""
     score: str | None = None
     options: tuple = ()
+    seeds: tuple[int, ...] = (0,)
+    extra_ratios: tuple[float, ...] = ()  # more measured points for the equal-fraction interpolation
 
-    def recipe(self, ratio: float, calib: core.CalibrationConfig) -> core.Recipe:
+    def recipe(self, ratio: float, calib: core.CalibrationConfig, seed: int = 0) -> core.Recipe:
         return core.Recipe(method=self.method, score=self.score, target=core.Target(param_ratio=ratio),
-                           options=dict(self.options), calibration=calib, batch_size=8)
+                           options=dict(self.options), calibration=calib, batch_size=8, seed=seed)
 
 
 SLIM = (("head_mode", "query"),)  # the reference model has 2 KV heads: whole-group steps would be 50% each
+DEPTH_EXTRA = (0.4,)
 CASES = [
-    *[Case(s, "core", "mlp_width", s) for s in ("random", "l2", "maw", "maw_range", "vow", "pon", "activation")],
+    Case("random", "core", "mlp_width", "random", seeds=(0, 1, 2, 3, 4)),
+    *[Case(s, "core", "mlp_width", s) for s in ("l2", "maw", "maw_range", "vow", "pon", "activation")],
     Case("slimllm", "core", "slimllm", options=SLIM),
+    Case("slimllm-ends_pruned", "core", "slimllm", options=SLIM + (("protect_ends", False),)),
     Case("slimllm-no_greedy", "core", "slimllm", options=SLIM + (("greedy", False),)),
     Case("slimllm-no_feature_space", "core", "slimllm", options=SLIM + (("feature_space", False),)),
     Case("slimllm-uniform", "core", "slimllm", options=SLIM + (("nonuniform", False),)),
     Case("slimllm-no_regression", "core", "slimllm", options=SLIM + (("regression", False),)),
-    Case("depth-cosine", "core", "depth", "cosine"),
-    Case("depth-shapley", "core", "depth", "shapley_loo"),
+    Case("depth-cosine", "core", "depth", "cosine", extra_ratios=DEPTH_EXTRA),
+    Case("depth-shapley", "core", "depth", "shapley", extra_ratios=DEPTH_EXTRA),
     Case("attention-sublayers", "core", "depth", "cosine", (("unit", "attention"),)),
     *[Case(f"optipfair-{m.lower()}", "optipfair", score=m) for m in ("MAW", "VOW", "PON")],
 ]
@@ -110,17 +122,18 @@ def prune_with_optipfair(model, method: str, ratio: float):
                                  pruning_percentage=percentage, show_progress=False)
 
 
-def run_cell(case: Case, ratio: float, model_path: str, calib: core.CalibrationConfig, eval_tokens: int) -> dict:
+def run_cell(case: Case, ratio: float, model_path: str, calib: core.CalibrationConfig, eval_tokens: int,
+             seed: int = 0) -> dict:
     model, tokenizer = core.load_model(model_path, core.LoadOptions(device="cpu", dtype="float32"))
     before = sum(p.numel() for p in model.parameters())
-    record = {"case": case.name, "family": case.family, "ratio": ratio, "params_before": before}
+    record = {"case": case.name, "family": case.family, "ratio": ratio, "seed": seed, "params_before": before}
     try:
         with PeakRss() as mem:
             start = time.perf_counter()
             if case.family == "optipfair":
                 model = prune_with_optipfair(model, case.score, ratio)
             elif ratio > 0:
-                core.prune(model, tokenizer, case.recipe(ratio, calib))
+                core.prune(model, tokenizer, case.recipe(ratio, calib, seed))
             record["prune_seconds"] = time.perf_counter() - start
     except (core.PruningError, ValueError) as err:
         record["error"] = str(err).splitlines()[0]
@@ -131,8 +144,8 @@ def run_cell(case: Case, ratio: float, model_path: str, calib: core.CalibrationC
     ppl = perplexity_of_file(model, tokenizer, EVAL_TEXT, max_length=256, max_tokens=eval_tokens)
     record.update(params_after=after, removed_fraction=1 - after / before, perplexity=ppl.perplexity,
                   eval_tokens=ppl.tokens)
-    logger.info("%-26s %3.0f%%  params %s  ppl %8.2f  (%.1fs)", case.name, 100 * ratio, f"{after:,}",
-                ppl.perplexity, record["prune_seconds"])
+    logger.info("%-26s %3.0f%% seed %d  params %s  ppl %8.2f  (%.1fs)", case.name, 100 * ratio, seed,
+                f"{after:,}", ppl.perplexity, record["prune_seconds"])
     return record
 
 
@@ -144,9 +157,72 @@ def machine() -> dict:
             "python": platform.python_version(), "date": datetime.datetime.now(datetime.UTC).isoformat()}
 
 
+NOMINAL_TOLERANCE = 0.005  # a cell more than half a point away from its nominal fraction is marked
+
+
+def aggregate(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per case and ratio (str key): mean and sample sd of perplexity and removed fraction over seeds (errors
+    dropped)."""
+    cells: dict[str, dict[float, list]] = {}
+    for rec in records:
+        cells.setdefault(rec["case"], {}).setdefault(rec["ratio"], []).append(rec)
+    out: dict[str, dict[str, dict]] = {}
+    for case, by_ratio in cells.items():
+        for ratio, recs in by_ratio.items():
+            ok = [r for r in recs if "error" not in r]
+            if not ok:
+                out.setdefault(case, {})[str(ratio)] = {"n": 0, "error": recs[0].get("error")}
+                continue
+            ppl = torch.tensor([r["perplexity"] for r in ok], dtype=torch.float64)
+            frac = torch.tensor([r["removed_fraction"] for r in ok], dtype=torch.float64)
+            out.setdefault(case, {})[str(ratio)] = {
+                "n": len(ok), "perplexity": ppl.mean().item(),
+                "perplexity_sd": ppl.std().item() if len(ok) > 1 else 0.0,
+                "removed_fraction": frac.mean().item(), "seeds": [r["seed"] for r in ok]}
+    return out
+
+
+def at_fraction(points: list[tuple[float, float]], target: float) -> tuple[float | None, str]:
+    """Perplexity at removed fraction `target` from measured (fraction, perplexity) points: ('measured' within the
+    tolerance, 'interpolated' log-linearly between the nearest points on either side, or None outside the range)."""
+    near = [p for f, p in points if abs(f - target) <= NOMINAL_TOLERANCE]
+    if near:
+        return near[0], "measured"
+    below = [(f, p) for f, p in points if f < target]
+    above = [(f, p) for f, p in points if f > target]
+    if not below or not above:
+        return None, "outside"
+    (f0, p0), (f1, p1) = max(below), min(above)
+    w = (target - f0) / (f1 - f0)
+    return math.exp((1 - w) * math.log(p0) + w * math.log(p1)), "interpolated"
+
+
+def equal_fractions(results: dict, cells: dict) -> dict[str, dict[str, dict]]:
+    dense = results["dense"]
+    table = {}
+    for case, by_ratio in cells.items():
+        points = sorted({(c["removed_fraction"], c["perplexity"]) for c in by_ratio.values() if c["n"]})
+        points = [(0.0, dense["perplexity"])] + points
+        table[case] = {}
+        for r in results["ratios"]:
+            value, how = at_fraction(points, r)
+            table[case][str(r)] = {"perplexity": value, "how": how}
+    return table
+
+
+def _cell(c: dict | None, nominal: float) -> str:
+    if c is None or not c["n"]:
+        return "-"
+    mark = "" if abs(c["removed_fraction"] - nominal) <= NOMINAL_TOLERANCE else " †"
+    ppl = f"{c['perplexity']:.2f}" + (f" ± {c['perplexity_sd']:.2f}" if c["n"] > 1 else "")
+    return f"{ppl} ({c['removed_fraction']:.1%}){mark}"
+
+
 def markdown(results: dict) -> str:
     ratios = results["ratios"]
     dense = results["dense"]
+    cells = results["cells"]
+    seeds = max((c["n"] for by in cells.values() for c in by.values()), default=1)
     lines = [f"# Method comparison on `{results['model']}` ({results['device']})", "",
              f"- Command: `{results['command']}`",
              f"- Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch threads "
@@ -154,23 +230,41 @@ def markdown(results: dict) -> str:
              f"- Calibration: {results['calibration']}; evaluation: held-out `reference/corpus/eval.txt`, first "
              f"{dense['eval_tokens']:,} tokens, windows of 256; no fine-tuning after pruning",
              f"- Dense model: {dense['params_before']:,} parameters, perplexity **{dense['perplexity']:.2f}**",
-             "- Cells: held-out perplexity (actual fraction of parameters removed); `-` = target not reachable by "
-             "that method", "",
+             "- Cells: held-out perplexity (fraction of all parameters actually removed); `-` = target not reachable "
+             f"by that method; † = more than {100 * NOMINAL_TOLERANCE:.1f} percentage points away from the column's "
+             "nominal fraction "
+             "(compare those in the equal-fraction table below)",
+             f"- `random`: mean ± sample sd over {seeds} seeds (0-{seeds - 1}); every other row is deterministic "
+             "(one run)", "",
              "| method | " + " | ".join(f"{r:.0%} of params" for r in ratios) + " |",
              "|---|" + "---|" * len(ratios)]
+    for case, by_ratio in cells.items():
+        lines.append(f"| {case} | " + " | ".join(_cell(by_ratio.get(str(r)), r) for r in ratios) + " |")
+    lines += ["", "## At equal removed fractions", "",
+              "Perplexity at exactly the nominal fraction of parameters removed: measured where a run landed within "
+              f"{100 * NOMINAL_TOLERANCE:.1f} points of it, else *interpolated* (in italics) log-linearly between "
+              "the method's "
+              "two nearest measured points (dense = 0%), `-` where no measured point lies beyond it.", "",
+              "| method | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for case, row in results["equal_fraction"].items():
+        out = []
+        for r in ratios:
+            c = row[str(r)]
+            out.append("-" if c["perplexity"] is None else
+                       (f"*{c['perplexity']:.2f}*" if c["how"] == "interpolated" else f"{c['perplexity']:.2f}"))
+        lines.append(f"| {case} | " + " | ".join(out) + " |")
+    extra = sorted({float(r) for by in cells.values() for r in by} - set(ratios))
+    if extra:
+        lines += ["", "Extra measured points (used by the interpolation): " + "; ".join(
+            f"{case} at {r:.0%}: {_cell(by[str(r)], r).replace(' †', '')}" for case, by in cells.items()
+            for r in extra if str(r) in by)]
+    lines += ["", "Prune time (s) / peak memory overhead (MiB) at the largest ratio:", "",
+              "| method | seconds | MiB |", "|---|---|---|"]
     by_case: dict[str, dict] = {}
     for rec in results["records"]:
         by_case.setdefault(rec["case"], {})[rec["ratio"]] = rec
-    for case, cells in by_case.items():
-        row = []
-        for r in ratios:
-            rec = cells.get(r)
-            row.append("-" if rec is None or "error" in rec else f"{rec['perplexity']:.2f} ({rec['removed_fraction']:.1%})")
-        lines.append(f"| {case} | " + " | ".join(row) + " |")
-    lines += ["", "Prune time (s) / peak memory overhead (MiB) at the largest ratio:", "",
-              "| method | seconds | MiB |", "|---|---|---|"]
-    for case, cells in by_case.items():
-        ok = [c for c in cells.values() if "error" not in c]
+    for case, recs in by_case.items():
+        ok = [c for c in recs.values() if "error" not in c and c["ratio"] in ratios]
         if ok:
             last = max(ok, key=lambda c: c["ratio"])
             lines.append(f"| {case} | {last['prune_seconds']:.2f} | {last['peak_memory_overhead_mib']:.0f} |")
@@ -184,19 +278,20 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 6.5))
-    by_case: dict[str, list] = {}
-    for rec in results["records"]:
-        if "error" not in rec:
-            by_case.setdefault(rec["case"], []).append(rec)
     dense = results["dense"]
     colors = plt.get_cmap("tab20").colors
     styles = {"optipfair": "--", "slimllm": "-.", "depth": ":", "attention": ":"}
-    for n, (case, recs) in enumerate(by_case.items()):
-        recs.sort(key=lambda r: r["params_after"])
+    for n, (case, by_ratio) in enumerate(results["cells"].items()):
+        cells = sorted((c for c in by_ratio.values() if c["n"]), key=lambda c: -c["removed_fraction"])
+        if not cells:
+            continue
         style = next((v for k, v in styles.items() if case.startswith(k)), "-")
-        ax.plot([r["params_after"] / 1e6 for r in recs] + [dense["params_before"] / 1e6],
-                [r["perplexity"] for r in recs] + [dense["perplexity"]], style, color=colors[n % len(colors)],
-                marker="o", ms=3, lw=1.6, label=case)
+        x = [dense["params_before"] * (1 - c["removed_fraction"]) / 1e6 for c in cells] + [dense["params_before"] / 1e6]
+        y = [c["perplexity"] for c in cells] + [dense["perplexity"]]
+        sd = [c["perplexity_sd"] for c in cells] + [0.0]
+        ax.errorbar(x, y, yerr=sd if any(sd) else None, fmt=style, color=colors[n % len(colors)], marker="o", ms=3,
+                    lw=1.6, capsize=3,
+                    label=case + (f" (mean ± sd, {cells[0]['n']} seeds)" if cells[0]["n"] > 1 else ""))
     ax.set_yscale("log")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("held-out perplexity (log scale)")
@@ -229,11 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     calib = core.CalibrationConfig(n_samples=args.calib_samples, seq_len=args.calib_seq_len)
     start = time.perf_counter()
     dense = run_cell(Case("dense", "core", "mlp_width", "maw"), 0.0, args.model, calib, args.eval_tokens)
-    records = [run_cell(c, r, args.model, calib, args.eval_tokens) for c in cases for r in ratios]
+    records = [run_cell(c, r, args.model, calib, args.eval_tokens, seed) for c in cases
+               for r in sorted({*ratios, *c.extra_ratios}) for seed in c.seeds]
     results = {"model": str(Path(args.model).resolve().relative_to(ROOT)) if Path(args.model).resolve().is_relative_to(ROOT)
                else args.model, "tag": args.tag, "device": "cpu", "command": "python " + " ".join(sys.argv),
                "machine": machine(), "calibration": calib.describe(), "ratios": ratios, "dense": dense,
                "records": records, "total_seconds": time.perf_counter() - start}
+    results["cells"] = aggregate(records)
+    results["equal_fraction"] = equal_fractions(results, results["cells"])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"methods_{args.tag}_cpu"
