@@ -7,7 +7,7 @@ baseline. Each pruned model is then evaluated on: held-out perplexity (`referenc
 the task items the task utility never saw (held-out items), accuracy on the items it was tuned on, and the
 calibration loss. A utility that wins on its own objective and loses on the others shows the trade-off.
 
-    python bench/depth_utilities.py            # ~10 min on a 2-core CPU
+    python bench/depth_utilities.py            # ~15 min on an idle 2-core CPU
 
 Writes bench/results/depth_utilities_<tag>_cpu.{json,md}.
 """
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-docs", type=int, default=100, help="items the task utility scores on")
     parser.add_argument("--units", default="block:1,block:2,attention:2,attention:3",
                         help="unit:count pairs (units removed)")
-    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-seq-len", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -76,27 +76,42 @@ def main(argv: list[str] | None = None) -> int:
     seen = TaskUtility(choice_task(args.task, docs=slice(0, args.task_docs)), tokenizer, length)
     dense = evaluate(model, tokenizer, calib_ids, held_out, seen, args.eval_tokens)
     n_layers = model.config.num_hidden_layers
+    counts: dict[str, list[int]] = {}
+    for item in args.units.split(","):
+        unit, count = item.split(":")
+        counts.setdefault(unit, []).append(int(count))
     rows = []
-    for spec_text in args.units.split(","):
-        unit, count = spec_text.split(":")
+    for unit, wanted in counts.items():
         for score, utility in RANKINGS:
+            # one-shot ranking: score once (removing the most units asked), then remove the lowest-ranked k
             options = {"unit": unit}
             if utility:
                 options.update(utility=utility, task=args.task, task_docs=args.task_docs)
-            recipe = core.Recipe(method="depth", score=score, target=core.Target(ratio=int(count) / n_layers),
+            recipe = core.Recipe(method="depth", score=score, target=core.Target(ratio=max(wanted) / n_layers),
                                  options=options, calibration=calib, batch_size=8)
-            pruned, _ = core.load_model(args.model, core.LoadOptions(device="cpu", dtype="float32"))
+            scored, _ = core.load_model(args.model, core.LoadOptions(device="cpu", dtype="float32"))
             t0 = time.perf_counter()
-            result = core.prune(pruned, tokenizer, recipe)
-            row = {"unit": unit, "count": int(count), "score": score, "utility": utility,
-                   "removed": result.report["removed"], "prune_seconds": time.perf_counter() - t0,
-                   "scores": result.report["scores"], **evaluate(pruned, tokenizer, calib_ids, held_out, seen,
-                                                                  args.eval_tokens)}
-            row["removed_fraction"] = 1 - row["params"] / dense["params"]
-            rows.append(row)
-            logger.info("%-9s x%s %-8s %-15s removed %s  ppl %.2f  acc %.3f / %.3f", unit, count, score,
-                        utility or "-", row["removed"], row["perplexity"], row["task_acc_held_out"],
-                        row["task_acc_seen"])
+            result = core.prune(scored, tokenizer, recipe)
+            seconds = time.perf_counter() - t0
+            scores = {int(k): v for k, v in result.report["scores"].items()}
+            ranked = sorted(scores, key=lambda i: (scores[i], i))
+            for k in sorted(wanted):
+                pruned = scored
+                if k != max(wanted):
+                    pruned, _ = core.load_model(args.model, core.LoadOptions(device="cpu", dtype="float32"))
+                    core.prune(pruned, tokenizer, core.Recipe(
+                        method="depth", target=core.Target(ratio=k / n_layers),
+                        options={"unit": unit, "layers": sorted(ranked[:k])}))
+                row = {"unit": unit, "count": k, "score": score, "utility": utility, "removed": sorted(ranked[:k]),
+                       "scoring_seconds": seconds, "scores": result.report["scores"],
+                       "estimate": result.report.get("estimate"),
+                       **evaluate(pruned, tokenizer, calib_ids, held_out, seen, args.eval_tokens)}
+                row["removed_fraction"] = 1 - row["params"] / dense["params"]
+                rows.append(row)
+                logger.info("%-9s x%d %-8s %-15s removed %s  ppl %.2f  acc %.3f / %.3f", unit, k, score,
+                            utility or "-", row["removed"], row["perplexity"], row["task_acc_held_out"],
+                            row["task_acc_seen"])
+    rows.sort(key=lambda r: (list(counts).index(r["unit"]), r["count"]))
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
     results = {"model": args.model, "task": args.task, "task_docs_seen": args.task_docs,

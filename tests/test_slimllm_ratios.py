@@ -246,3 +246,7 @@ def test_the_papers_llama7b_settings_are_reproduced_exactly():
     per_layer = 4 * d * d + 3 * d * m
     total = 32 * (per_layer + 2 * d) + 2 * vocab * d + d
     assert [round(rho * 32 * per_layer / total, 3) for rho, _, _ in PAPER_SETTINGS] == [0.195, 0.496]
+    # what the module docstring states for round targets: of the heads + MLP, and of all parameters
+    r0 = lambda rho: rho * 32 / default_pruned_layers(32, rho)  # noqa: E731
+    assert [round(r0(r), 3) for r in (0.2, 0.5)] == [0.246, 0.533]
+    assert [round(r0(r * total / (32 * per_layer)), 3) for r in (0.2, 0.5)] == [0.256, 0.555]

@@ -12,7 +12,7 @@ the N_p layers. So those settings remove r0 * N_p / L of the heads + MLP paramet
 49.6% of all LLaMA-7B parameters). We take the target instead and derive r0 = rho * L / N_p, rho = the fraction of
 heads + MLP parameters to remove, with N_p and alpha interpolated linearly in rho through the paper's two settings:
 at rho = 0.203125 / 0.515625 this gives exactly N_p = 26 / 30, alpha = 10 / 7 and r0 = 0.25 / 0.55 (a target of
-20% / 50% of the heads + MLP gives r0 = 0.246 / 0.533 instead; 20% / 50% of all parameters, 0.256 / 0.538).
+20% / 50% of the heads + MLP gives r0 = 0.246 / 0.533 instead; 20% / 50% of all parameters, 0.256 / 0.555).
 """
 from __future__ import annotations
 
