@@ -14,8 +14,11 @@ also run at 40% to give that interpolation a point between 27% and 54%.
 
     python bench/compare_methods.py                 # default run, < 20 min on a 2-core CPU
     python bench/compare_methods.py --cases maw,slimllm --ratios 0.2
+    python bench/compare_methods.py --render bench/results/methods_reference_cpu.json --previous OLD.json
 
-Writes bench/results/methods_<model>_<device>.{json,md,png}.
+Writes bench/results/methods_<model>_<device>.{json,md,png}. `--previous` adds a section listing every cell whose
+perplexity or removed fraction moved against an earlier results JSON; `--render` rewrites the markdown and the plot
+from a results JSON without running anything.
 """
 from __future__ import annotations
 
@@ -178,7 +181,7 @@ def aggregate(records: list[dict]) -> dict[str, dict[str, dict]]:
             out.setdefault(case, {})[str(ratio)] = {
                 "n": len(ok), "perplexity": ppl.mean().item(),
                 "perplexity_sd": ppl.std().item() if len(ok) > 1 else 0.0,
-                "removed_fraction": frac.mean().item(), "seeds": [r["seed"] for r in ok]}
+                "removed_fraction": frac.mean().item(), "seeds": [r.get("seed", 0) for r in ok]}
     return out
 
 
@@ -234,6 +237,7 @@ def markdown(results: dict) -> str:
              f"by that method; † = more than {100 * NOMINAL_TOLERANCE:.1f} percentage points away from the column's "
              "nominal fraction "
              "(compare those in the equal-fraction table below)",
+             *([f"- Conditions: {results['note']}"] if results.get("note") else []),
              f"- `random`: mean ± sample sd over {seeds} seeds (0-{seeds - 1}); every other row is deterministic "
              "(one run)", "",
              "| method | " + " | ".join(f"{r:.0%} of params" for r in ratios) + " |",
@@ -269,6 +273,37 @@ def markdown(results: dict) -> str:
             last = max(ok, key=lambda c: c["ratio"])
             lines.append(f"| {case} | {last['prune_seconds']:.2f} | {last['peak_memory_overhead_mib']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def moved(previous: dict, results: dict) -> list[str]:
+    """Markdown lines for every (case, ratio) whose perplexity or removed fraction differs from `previous` (an
+    earlier results JSON, with or without aggregated cells), and for cases only one of them has."""
+    old = previous.get("cells") or aggregate(previous["records"])
+    new = results["cells"]
+    lines = [f"## What moved against the previous run ({previous['machine']['date'][:10]})", "",
+             "Every cell whose perplexity changed by more than 0.005 or whose removed fraction changed by more than "
+             "0.05 points, and cells only one run has; cells not listed are unchanged.", "",
+             "| method | ratio | before | now |", "|---|---|---|---|"]
+    count = 0
+    for case in dict.fromkeys([*old, *new]):
+        for r in sorted({float(k) for k in (*old.get(case, {}), *new.get(case, {}))}):
+            a, b = old.get(case, {}).get(str(r)), new.get(case, {}).get(str(r))
+            if a is not None and b is not None and (not a["n"] and not b["n"] or a["n"] and b["n"] and abs(
+                    a["perplexity"] - b["perplexity"]) <= 0.005 and abs(
+                    a["removed_fraction"] - b["removed_fraction"]) <= 0.0005):
+                continue
+            count += 1
+            lines.append(f"| {case} | {r:.0%} | {_cell(a, r) if a else 'not run'} | "
+                         f"{_cell(b, r) if b else 'not run'} |")
+    return lines + ([] if count else ["| (none) | | | |"])
+
+
+def write_outputs(results: dict, stem: Path, previous: dict | None = None) -> None:
+    text = markdown(results) + f"\nTotal run time: {results['total_seconds']:.0f} s.\n"
+    if previous is not None:
+        text += "\n" + "\n".join(moved(previous, results)) + "\n"
+    stem.with_suffix(".md").write_text(text)
+    plot(results, stem.with_suffix(".png"))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -314,7 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--tag", default="reference", help="name used in the output files")
+    parser.add_argument("--note", default="", help="a line about the run conditions, added to the results")
+    parser.add_argument("--previous", help="an earlier results JSON: list every cell that moved against it")
+    parser.add_argument("--render", help="a results JSON: rewrite its markdown and plot, run nothing")
     args = parser.parse_args(argv)
+    previous = json.loads(Path(args.previous).read_text()) if args.previous else None
+    if args.render:
+        stem = Path(args.render).with_suffix("")
+        results = json.loads(Path(args.render).read_text())
+        if args.note:
+            results["note"] = args.note
+            stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        write_outputs(results, stem, previous)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("core").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
@@ -329,15 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": str(Path(args.model).resolve().relative_to(ROOT)) if Path(args.model).resolve().is_relative_to(ROOT)
                else args.model, "tag": args.tag, "device": "cpu", "command": "python " + " ".join(sys.argv),
                "machine": machine(), "calibration": calib.describe(), "ratios": ratios, "dense": dense,
-               "records": records, "total_seconds": time.perf_counter() - start}
+               "records": records, "total_seconds": time.perf_counter() - start, "note": args.note}
     results["cells"] = aggregate(records)
     results["equal_fraction"] = equal_fractions(results, results["cells"])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"methods_{args.tag}_cpu"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results) + f"\nTotal run time: {results['total_seconds']:.0f} s.\n")
-    plot(results, stem.with_suffix(".png"))
+    write_outputs(results, stem, previous)
     logger.info("wrote %s.{json,md,png} in %.0f s", stem, results["total_seconds"])
     return 0
 
