@@ -18,7 +18,9 @@ also run at 40% to give that interpolation a point between 27% and 54%.
 
 Writes bench/results/methods_<model>_<device>.{json,md,png}. `--previous` adds a section listing every cell whose
 perplexity or removed fraction moved against an earlier results JSON; `--render` rewrites the markdown and the plot
-from a results JSON without running anything.
+from a results JSON without running anything. `--merge A.json B.json ...` joins partial runs (say, subsets of
+`--cases` run side by side) into one results file; a case present in several runs keeps the records of the last,
+and the markdown lists every run with its command, date and cases.
 """
 from __future__ import annotations
 
@@ -228,6 +230,8 @@ def markdown(results: dict) -> str:
     seeds = max((c["n"] for by in cells.values() for c in by.values()), default=1)
     lines = [f"# Method comparison on `{results['model']}` ({results['device']})", "",
              f"- Command: `{results['command']}`",
+             *[f"  - merged from `{run['command']}` ({run['date'][:10]}): {', '.join(run['cases'])}"
+               + (f"; {run['note']}" if run.get("note") else "") for run in results.get("runs", [])],
              f"- Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch threads "
              f"{results['machine']['threads']}, torch {results['machine']['torch']}, {results['machine']['date'][:10]}",
              f"- Calibration: {results['calibration']}; evaluation: held-out `reference/corpus/eval.txt`, first "
@@ -298,6 +302,31 @@ def moved(previous: dict, results: dict) -> list[str]:
     return lines + ([] if count else ["| (none) | | | |"])
 
 
+def merge(parts: list[dict]) -> dict:
+    """One results dict from partial runs of the same model, calibration, ratios and evaluation."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("model", "calibration", "ratios"):
+            if part[key] != first[key]:
+                raise SystemExit(f"cannot merge: '{key}' differs ({part[key]!r} vs {first[key]!r})")
+        if abs(part["dense"]["perplexity"] - first["dense"]["perplexity"]) > 1e-6:
+            raise SystemExit("cannot merge: the dense perplexity differs between the runs")
+    by_case: dict[str, list[dict]] = {}
+    runs = []
+    for part in parts:
+        cases = list(dict.fromkeys(r["case"] for r in part["records"]))
+        by_case.update({c: [r for r in part["records"] if r["case"] == c] for c in cases})
+        runs.append({"command": part["command"], "date": part["machine"]["date"], "cases": cases,
+                     "note": part.get("note", "")})
+    order = {c.name: i for i, c in enumerate(CASES)}
+    records = [r for c in sorted(by_case, key=lambda c: order.get(c, len(order))) for r in by_case[c]]
+    results = {**parts[-1], "command": "python " + " ".join(sys.argv), "runs": runs, "records": records,
+               "total_seconds": sum(p["total_seconds"] for p in parts), "note": ""}
+    results["cells"] = aggregate(records)
+    results["equal_fraction"] = equal_fractions(results, results["cells"])
+    return results
+
+
 def write_outputs(results: dict, stem: Path, previous: dict | None = None) -> None:
     text = markdown(results) + f"\nTotal run time: {results['total_seconds']:.0f} s.\n"
     if previous is not None:
@@ -352,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a line about the run conditions, added to the results")
     parser.add_argument("--previous", help="an earlier results JSON: list every cell that moved against it")
     parser.add_argument("--render", help="a results JSON: rewrite its markdown and plot, run nothing")
+    parser.add_argument("--merge", nargs="+", help="results JSONs of partial runs: write one results file")
     args = parser.parse_args(argv)
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
     if args.render:
@@ -360,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.note:
             results["note"] = args.note
             stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        write_outputs(results, stem, previous)
+        return 0
+    if args.merge:
+        results = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        results["note"] = args.note
+        stem = Path(args.out_dir) / f"methods_{args.tag}_cpu"
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
         write_outputs(results, stem, previous)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
