@@ -216,7 +216,9 @@ def equal_fractions(results: dict, cells: dict) -> dict[str, dict[str, dict]]:
 
 
 def _cell(c: dict | None, nominal: float) -> str:
-    if c is None or not c["n"]:
+    if c is None:
+        return "not run"
+    if not c["n"]:
         return "-"
     mark = "" if abs(c["removed_fraction"] - nominal) <= NOMINAL_TOLERANCE else " †"
     ppl = f"{c['perplexity']:.2f}" + (f" ± {c['perplexity_sd']:.2f}" if c["n"] > 1 else "")
@@ -303,13 +305,17 @@ def moved(previous: dict, results: dict) -> list[str]:
 
 
 def merge(parts: list[dict]) -> dict:
-    """One results dict from partial runs of the same model, calibration, ratios and evaluation."""
+    """One results dict from partial runs of the same model, calibration and evaluation; the table's columns are the
+    first run's ratios (the others may have run fewer: their missing cells show as not run)."""
     first = parts[0]
     for part in parts[1:]:
-        for key in ("model", "calibration", "ratios"):
+        for key in ("model", "calibration"):
             if part[key] != first[key]:
                 raise SystemExit(f"cannot merge: '{key}' differs ({part[key]!r} vs {first[key]!r})")
-        if abs(part["dense"]["perplexity"] - first["dense"]["perplexity"]) > 1e-6:
+        if not set(part["ratios"]) <= set(first["ratios"]):
+            raise SystemExit(f"cannot merge: ratios {part['ratios']} are not among the first run's {first['ratios']}")
+        # thread counts change float sums in the last digits; anything larger means a different model or evaluation
+        if abs(part["dense"]["perplexity"] / first["dense"]["perplexity"] - 1) > 1e-5:
             raise SystemExit("cannot merge: the dense perplexity differs between the runs")
     by_case: dict[str, list[dict]] = {}
     runs = []
@@ -320,7 +326,7 @@ def merge(parts: list[dict]) -> dict:
                      "note": part.get("note", "")})
     order = {c.name: i for i, c in enumerate(CASES)}
     records = [r for c in sorted(by_case, key=lambda c: order.get(c, len(order))) for r in by_case[c]]
-    results = {**parts[-1], "command": "python " + " ".join(sys.argv), "runs": runs, "records": records,
+    results = {**parts[-1], "ratios": first["ratios"], "command": "python " + " ".join(sys.argv), "runs": runs, "records": records,
                "total_seconds": sum(p["total_seconds"] for p in parts), "note": ""}
     results["cells"] = aggregate(records)
     results["equal_fraction"] = equal_fractions(results, results["cells"])
@@ -402,23 +408,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("core").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    wanted = set(args.cases.split(",")) if args.cases else None
-    cases = [c for c in CASES if wanted is None or c.name in wanted]
+    by_name = {c.name: c for c in CASES}
+    unknown = [n for n in (args.cases or "").split(",") if n and n not in by_name]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+    cases = [by_name[n] for n in args.cases.split(",")] if args.cases else CASES  # run in the order given
     ratios = [float(r) for r in args.ratios.split(",")]
     calib = core.CalibrationConfig(n_samples=args.calib_samples, seq_len=args.calib_seq_len)
     start = time.perf_counter()
     dense = run_cell(Case("dense", "core", "mlp_width", "maw"), 0.0, args.model, calib, args.eval_tokens)
-    records = [run_cell(c, r, args.model, calib, args.eval_tokens, seed) for c in cases
-               for r in sorted({*ratios, *c.extra_ratios}) for seed in c.seeds]
-    results = {"model": str(Path(args.model).resolve().relative_to(ROOT)) if Path(args.model).resolve().is_relative_to(ROOT)
-               else args.model, "tag": args.tag, "device": "cpu", "command": "python " + " ".join(sys.argv),
+    model = (str(Path(args.model).resolve().relative_to(ROOT)) if Path(args.model).resolve().is_relative_to(ROOT)
+             else args.model)
+    results = {"model": model, "tag": args.tag, "device": "cpu", "command": "python " + " ".join(sys.argv),
                "machine": machine(), "calibration": calib.describe(), "ratios": ratios, "dense": dense,
-               "records": records, "total_seconds": time.perf_counter() - start, "note": args.note}
-    results["cells"] = aggregate(records)
-    results["equal_fraction"] = equal_fractions(results, results["cells"])
+               "records": [], "note": args.note}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"methods_{args.tag}_cpu"
+    for case in cases:
+        for ratio in sorted({*ratios, *case.extra_ratios}):
+            for seed in case.seeds:
+                results["records"].append(run_cell(case, ratio, args.model, calib, args.eval_tokens, seed))
+                # after every cell: an interrupted run keeps what it measured (merge it with --merge)
+                results["total_seconds"] = time.perf_counter() - start
+                stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    results["cells"] = aggregate(results["records"])
+    results["equal_fraction"] = equal_fractions(results, results["cells"])
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     write_outputs(results, stem, previous)
     logger.info("wrote %s.{json,md,png} in %.0f s", stem, results["total_seconds"])
