@@ -19,8 +19,8 @@ also run at 40% to give that interpolation a point between 27% and 54%.
 Writes bench/results/methods_<model>_<device>.{json,md,png}. `--previous` adds a section listing every cell whose
 perplexity or removed fraction moved against an earlier results JSON; `--render` rewrites the markdown and the plot
 from a results JSON without running anything. `--merge A.json B.json ...` joins partial runs (say, subsets of
-`--cases` run side by side) into one results file; a case present in several runs keeps the records of the last,
-and the markdown lists every run with its command, date and cases.
+`--cases` run side by side) into one results file; a (case, ratio) cell measured by several runs keeps the records
+of the last, and the markdown lists every run with its command, date and cells.
 """
 from __future__ import annotations
 
@@ -317,17 +317,20 @@ def merge(parts: list[dict]) -> dict:
         # thread counts change float sums in the last digits; anything larger means a different model or evaluation
         if abs(part["dense"]["perplexity"] / first["dense"]["perplexity"] - 1) > 1e-5:
             raise SystemExit("cannot merge: the dense perplexity differs between the runs")
-    by_case: dict[str, list[dict]] = {}
+    cells: dict[tuple[str, float], list[dict]] = {}
     runs = []
     for part in parts:
-        cases = list(dict.fromkeys(r["case"] for r in part["records"]))
-        by_case.update({c: [r for r in part["records"] if r["case"] == c] for c in cases})
-        runs.append({"command": part["command"], "date": part["machine"]["date"], "cases": cases,
-                     "note": part.get("note", "")})
+        mine: dict[tuple[str, float], list[dict]] = {}
+        for r in part["records"]:
+            mine.setdefault((r["case"], r["ratio"]), []).append(r)
+        cells.update(mine)  # a later run replaces the (case, ratio) cells it measured
+        runs.append({"command": part["command"], "date": part["machine"]["date"], "note": part.get("note", ""),
+                     "cases": [f"{c} at {'/'.join(f'{100 * r:.0f}' for c2, r in mine if c2 == c)}%"
+                               for c in dict.fromkeys(c for c, _ in mine)]})
     order = {c.name: i for i, c in enumerate(CASES)}
-    records = [r for c in sorted(by_case, key=lambda c: order.get(c, len(order))) for r in by_case[c]]
-    results = {**parts[-1], "ratios": first["ratios"], "command": "python " + " ".join(sys.argv), "runs": runs, "records": records,
-               "total_seconds": sum(p["total_seconds"] for p in parts), "note": ""}
+    records = [r for key in sorted(cells, key=lambda k: (order.get(k[0], len(order)), k[1])) for r in cells[key]]
+    results = {**parts[-1], "ratios": first["ratios"], "command": "python " + " ".join(sys.argv), "runs": runs,
+               "records": records, "total_seconds": sum(p.get("total_seconds", 0.0) for p in parts), "note": ""}
     results["cells"] = aggregate(records)
     results["equal_fraction"] = equal_fractions(results, results["cells"])
     return results
@@ -384,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--tag", default="reference", help="name used in the output files")
+    parser.add_argument("--no-extra", action="store_true", help="skip the cases' extra interpolation points")
     parser.add_argument("--note", default="", help="a line about the run conditions, added to the results")
     parser.add_argument("--previous", help="an earlier results JSON: list every cell that moved against it")
     parser.add_argument("--render", help="a results JSON: rewrite its markdown and plot, run nothing")
@@ -426,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"methods_{args.tag}_cpu"
     for case in cases:
-        for ratio in sorted({*ratios, *case.extra_ratios}):
+        for ratio in sorted({*ratios, *(() if args.no_extra else case.extra_ratios)}):
             for seed in case.seeds:
                 results["records"].append(run_cell(case, ratio, args.model, calib, args.eval_tokens, seed))
                 # after every cell: an interrupted run keeps what it measured (merge it with --merge)
