@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidTargetError, RecipeError
+from ..errors import InvalidTargetError
+from ..feasibility import check_rounding
 from ..layer_config import layer_shapes
 from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers, units_disabled
 from ..params import count_parameters
@@ -26,6 +27,7 @@ from ..scores.depth import RENAMED, Sampling
 from ..scores.shapley import EXACT_MAX_UNITS
 from ..stats import BranchOutputs, collect, linear
 from ..surgery import LayerPlan, enable_bias, prune_layer, remove_layers
+from ..options import option
 from ..utility import UTILITIES, make_utility
 from . import Method, PruneContext, register_method
 
@@ -53,40 +55,36 @@ def _tokens(t: torch.Tensor, skip_first: bool) -> torch.Tensor:
 
 @register_method
 class Depth(Method):
+    """Removes whole decoder blocks, or only their attention or MLP sub-layers"""
+
     name = "depth"
     scores = DEPTH_SCORES
     default_score = "cosine"
 
     @dataclass(frozen=True)
     class Options:
-        unit: str = "block"  # 'block', 'attention' or 'mlp'
+        unit: str = option("block", choices=UNITS, help="what is removed")
         layers: tuple[int, ...] | None = None  # explicit units to remove (no scoring)
         iterative: bool = False  # re-score the remaining units after each removal
-        utility: str = "loss"  # sub-network scores: 'loss', 'logit_distance' (to the full model) or 'task'
+        utility: str = option("loss", choices=UTILITIES, help="sub-network scores: the loss, the logit distance to "
+                              "the full model, or accuracy on a multiple-choice task")
         task: str = "pydoc_cloze"  # utility=task: a multiple-choice lm-eval task (bundled, lm-eval's or task_dir's)
-        task_docs: int = 100  # utility=task: the task's first documents used (0 = all)
+        task_docs: int = option(100, min=0, help="utility=task: the task's first documents used (0 = all)")
         task_dir: str | None = None  # utility=task: a folder of lm-eval task YAMLs
-        samples: int = 64  # shapley: orderings when sampling; subnet_contrast: random sub-networks
-        keep: float = 0.9  # subnet_contrast: fraction of units present in each sub-network
-        exact_max: int = 12  # shapley: exact enumeration (2^units sub-networks) up to this many units
-        recovery: str = "none"  # 'none' or 'mean_update' (replace a removed unit by its mean update)
-        recovery_source: str = "unpruned"  # mean update measured on the 'unpruned' or the 'pruned' model
+        samples: int = option(64, min=2, help="shapley: orderings when sampling; subnet_contrast: random "
+                              "sub-networks")
+        keep: float = option(0.9, min=0, max=1, exclusive=True, help="subnet_contrast: fraction of units present in "
+                             "each sub-network")
+        exact_max: int = option(12, min=0, max=EXACT_MAX_UNITS, help="shapley: exact enumeration (2^units "
+                                "sub-networks) up to this many units")
+        recovery: str = option("none", choices=RECOVERY, help="mean_update: replace a removed unit by its mean update")
+        recovery_source: str = option("unpruned", choices=SOURCES, help="mean update measured on the unpruned or "
+                                      "the progressively pruned model")
         recovery_skip_first: bool = False  # leave position 0 (attention sink) out of the mean
 
         def __post_init__(self) -> None:
-            for value, allowed, what in ((self.unit, UNITS, "unit"), (self.utility, UTILITIES, "utility"),
-                                         (self.recovery, RECOVERY, "recovery"),
-                                         (self.recovery_source, SOURCES, "recovery_source")):
-                if value not in allowed:
-                    raise RecipeError(f"Depth option {what} must be one of {allowed} (got {value!r}).")
             if self.layers is not None:
                 object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-            if self.samples < 2 or not 0 < self.keep < 1:
-                raise RecipeError("Depth sub-network scores need samples >= 2 and 0 < keep < 1.")
-            if not 0 <= self.exact_max <= EXACT_MAX_UNITS:
-                raise RecipeError(f"exact_max must be in 0..{EXACT_MAX_UNITS} (2^exact_max sub-networks).")
-            if self.task_docs < 0:
-                raise RecipeError("task_docs must be >= 0 (0 = every document).")
 
     def score_name(self, recipe) -> str | None:
         name = super().score_name(recipe)
@@ -180,7 +178,10 @@ class Depth(Method):
         recipe = ctx.recipe
         to_remove = recipe.target.params_to_remove(count_parameters(ctx.model, ctx.spec)["total"])
         if to_remove is None:
-            return round(recipe.target.ratio * ctx.model.config.num_hidden_layers), None
+            n = ctx.model.config.num_hidden_layers
+            count = round(recipe.target.ratio * n)
+            check_rounding(recipe.target, [recipe.target.ratio], [n], [n - count], "layers", scope="the model")
+            return count, None
         return None, to_remove
 
     def select(self, ctx: PruneContext, opts, candidates: list[int]) -> tuple[list[int], list[dict], list[dict]]:
