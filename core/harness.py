@@ -79,3 +79,53 @@ def run_tasks(model, tokenizer, tasks: list[str], task_dirs: list[str | Path] = 
                                "their datasets from the Hub; offline, use local task folders.") from err
     return {"tasks": {name: _metrics(entry) for name, entry in raw["results"].items()}, "limit": limit,
             "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
+
+
+class ChoiceTask:
+    """A multiple-choice lm-eval task as (context, continuation) pairs per document, scored by lm-eval's own
+    `process_results` (for the task utility of depth pruning: its forwards run through `core.utility`)."""
+
+    def __init__(self, name: str, task, docs: list, requests: list[list[tuple[str, str]]]) -> None:
+        self.name, self._task, self.docs, self.requests = name, task, docs, requests
+
+    def accuracy(self, loglikelihoods: list[list[float]]) -> float:
+        """Mean of lm-eval's `acc` over the documents, given each choice's summed log-likelihood."""
+        total = 0.0
+        for doc, lls in zip(self.docs, loglikelihoods):
+            total += self._task.process_results(doc, [(ll, False) for ll in lls])["acc"]
+        return total / max(len(self.docs), 1)
+
+
+def choice_task(name: str, task_dirs: list[str | Path] = (), docs: slice = slice(None)) -> ChoiceTask:
+    """Load multiple-choice task `name` (bundled, lm-eval's own, or from `task_dirs`); keep documents `docs`."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise PruningError("lm-eval is not installed: pip install lm-eval") from err
+    with prepared_task_dirs([BUNDLED_TASKS, *task_dirs]) as include:
+        manager = TaskManager(include_path=include, include_defaults=False)  # instant; lm-eval's own index is not
+        if name not in manager.all_tasks:
+            manager = TaskManager(include_path=include)
+        if name not in manager.all_tasks:
+            raise PruningError(f"Unknown lm-eval task {name!r}. Offline, use the bundled 'pydoc_cloze' or a task "
+                               "folder of your own.")
+        if hasattr(manager, "load"):
+            task = manager.load([name])["tasks"][name]
+        else:  # lm-eval before TaskManager.load
+            from lm_eval.tasks import get_task_dict
+
+            task = get_task_dict([name], manager)[name]
+        if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice":
+            raise PruningError(f"Task {name!r} is not a multiple-choice task; a task utility needs one.")
+        try:
+            task.build_all_requests(rank=0, world_size=1)
+        except (ConnectionError, OSError) as err:
+            raise PruningError(f"lm-eval could not load the data of task {name!r} ({err}).") from err
+    by_doc: dict[int, tuple] = {}
+    for inst in task.instances:
+        by_doc.setdefault(inst.doc_id, (inst.doc, {}))[1][inst.idx] = tuple(inst.arguments)
+    ids = sorted(by_doc)[docs]
+    if not ids:
+        raise PruningError(f"Task {name!r} has no documents in {docs}.")
+    return ChoiceTask(name, task, [by_doc[i][0] for i in ids],
+                      [[by_doc[i][1][k] for k in sorted(by_doc[i][1])] for i in ids])

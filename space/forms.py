@@ -45,8 +45,9 @@ SCORE_TITLES = {
     "ppl_drop": "Loss when removed (perplexity drop)",
     "relative_update_norm": "Relative size of the update",
     "update_norm": "Size of the update",
-    "shapley_loo": "Shapley value (leave one out)",
-    "shapley_mc": "Shapley value (Monte Carlo)",
+    "shapley": "Shapley value (exact or sampled)",
+    "loo_contrast": "Leave-one-out contrast (the paper code's 'Shapley')",
+    "subnet_contrast": "Random sub-network contrast",
 }
 CALIBRATION_SOURCES = {"shipped": "shipped text", "dataset": "a dataset on the Hub", "upload": "an uploaded file"}
 UPLOAD_SUFFIXES = (".txt", ".jsonl")

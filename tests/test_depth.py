@@ -47,7 +47,7 @@ def test_subnetwork_estimators():
 
 
 @pytest.mark.parametrize("score", ["cosine", "angular", "update_norm", "relative_update_norm", "ppl_drop",
-                                   "shapley_loo", "shapley_mc"])
+                                   "shapley", "loo_contrast", "subnet_contrast"])
 @pytest.mark.parametrize("unit", ["block", "attention", "mlp"])
 def test_every_score_and_unit_removes_the_lowest_units(tiny_dir, score, unit):
     src = tiny_dir("llama")
@@ -94,13 +94,17 @@ def test_iterative_rescoring_scores_once_per_removal(tiny_dir):
     assert removed_first not in second and len(second) == len(first) - 1
 
 
-def test_shapley_mc_evaluates_the_configured_number_of_subnetworks(tiny_dir):
+def test_subnet_contrast_evaluates_each_distinct_subnetwork_once(tiny_dir):
     src = tiny_dir("llama")
     seen = []
-    recipe = core.Recipe(model=str(src), method="depth", score="shapley_mc", target=core.Target(ratio=0.25),
+    recipe = core.Recipe(model=str(src), method="depth", score="subnet_contrast", target=core.Target(ratio=0.25),
                          options={"samples": 5, "keep": 0.75, "utility": "logit_distance"}, calibration=CALIB)
-    core.run_recipe(recipe, progress=lambda stage, done, total: seen.append((stage, total)))
-    assert ("depth: shapley_mc sub-networks", 5) in seen
+    result = core.run_recipe(recipe, progress=lambda stage, done, total: seen.append((stage, total)))
+    distinct = len(torch.unique(random_masks(4, 5, 0.75, torch.Generator().manual_seed(recipe.seed)), dim=0))
+    assert ("depth: subnet_contrast sub-networks", distinct) in seen
+    estimate = result.report["estimate"]
+    assert estimate["samples"] == 5 and estimate["subnetworks_evaluated"] == distinct
+    assert estimate["utility"] == "logit_distance"
 
 
 def _mean_updates(model, ids, skip_first=False):

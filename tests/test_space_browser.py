@@ -363,9 +363,10 @@ def test_prune_download_and_push(page, app, hub, model_folder, tmp_path):
 
 @pytest.mark.slow  # ~50 s: two browsers, two jobs
 def test_phone_user_waits_in_line_while_another_job_is_cancelled(page, app, playwright_session, tmp_path):
-    """A long job runs (depth pruning with many Shapley samples, progress per sample); a second user on a phone
-    presses Prune and sees their place in line; the first job is cancelled, its folder disappears, and the
-    phone user's job (90% removed) runs and warns that the model is wrecked. No sideways scrolling on the phone."""
+    """A long job runs (depth pruning by exact Shapley values of a task utility, progress per sub-network); a second
+    user on a phone presses Prune and sees their place in line; the first job is cancelled, its folder disappears,
+    and the phone user's job (90% removed) runs and warns that the model is wrecked. No sideways scrolling on the
+    phone."""
     browser, phone = _browser_context(playwright_session, app, {"width": 390, "height": 844})
     try:
         phone.goto(app.url)
@@ -375,9 +376,9 @@ def test_phone_user_waits_in_line_while_another_job_is_cancelled(page, app, play
         # user 1 (desktop): a slow job, reported sample by sample
         _fill(page, "model-id", "")
         _choose(page, "method", "Whole layers or sub-layers (depth pruning)")
-        _choose(page, "score", "Shapley value (Monte Carlo) · uses data")
+        _choose(page, "score", "Shapley value (exact or sampled) · uses data")
         page.get_by_text("Method options and layers").click()
-        _fill(page, "options", "samples: 2000\n")
+        _fill(page, "options", "utility: task\n")  # 64 sub-networks, each scored on 100 task items
         _fill(page, "target-value", "20%")
         _set_checkbox(page, "measure-speed", False)
         page.click("#run")

@@ -1,15 +1,18 @@
 """Depth pruning (Siddiqui et al. 2024): remove whole blocks, or attention-only / MLP-only sub-layers.
 
 Units are ranked by a per-token score on the residual stream (cosine, angular, update norms) or by a sub-network
-score (perplexity drop, Shapley estimates with loss or logit-distance utility), once or iteratively (re-scoring
-after each removal), or given explicitly. Optional recovery replaces each removed unit by the constant mean of its
+score (Shapley values, perplexity drop, the leave-one-out and random sub-network contrasts) with a loss,
+logit-distance or multiple-choice task utility, once or iteratively (re-scoring after each removal), or given
+explicitly. Optional recovery replaces each removed unit by the constant mean of its
 update on the calibration tokens (computed on the unpruned or on the progressively pruned model), stored in the
 checkpoint: in the bias of the preceding MLP output projection for blocks where the family allows it, otherwise
 as a removed sub-layer that keeps a constant output.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +23,17 @@ from ..layer_config import layer_shapes
 from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers, layer_at, units_disabled
 from ..params import count_parameters
 from ..scores import DEPTH_SCORES
+from ..scores.depth import RENAMED, Sampling
+from ..scores.shapley import EXACT_MAX_UNITS
 from ..stats import BranchOutputs, collect, linear
 from ..surgery import LayerPlan, enable_bias, prune_layer, remove_layers
 from ..options import option
+from ..utility import UTILITIES, make_utility
 from . import Method, PruneContext, register_method
 
 logger = logging.getLogger(__name__)
 
 UNITS = ("block", "attention", "mlp")
-UTILITIES = ("loss", "logit_distance")
 RECOVERY = ("none", "mean_update")
 SOURCES = ("unpruned", "pruned")
 
@@ -61,11 +66,17 @@ class Depth(Method):
         unit: str = option("block", choices=UNITS, help="what is removed")
         layers: tuple[int, ...] | None = None  # explicit units to remove (no scoring)
         iterative: bool = False  # re-score the remaining units after each removal
-        utility: str = option("loss", choices=UTILITIES, help="sub-network scores: the loss, or the logit distance "
-                              "to the full model")
-        samples: int = option(64, min=2, help="shapley_mc: number of random sub-networks")
-        keep: float = option(0.9, min=0, max=1, exclusive=True, help="shapley_mc: fraction of units present in each "
-                             "sub-network")
+        utility: str = option("loss", choices=UTILITIES, help="sub-network scores: the loss, the logit distance to "
+                              "the full model, or accuracy on a multiple-choice task")
+        task: str = "pydoc_cloze"  # utility=task: a multiple-choice lm-eval task (bundled, lm-eval's or task_dir's)
+        task_docs: int = option(100, min=0, help="utility=task: the task's first documents used (0 = all)")
+        task_dir: str | None = None  # utility=task: a folder of lm-eval task YAMLs
+        samples: int = option(64, min=2, help="shapley: orderings when sampling; subnet_contrast: random "
+                              "sub-networks")
+        keep: float = option(0.9, min=0, max=1, exclusive=True, help="subnet_contrast: fraction of units present in "
+                             "each sub-network")
+        exact_max: int = option(12, min=0, max=EXACT_MAX_UNITS, help="shapley: exact enumeration (2^units "
+                                "sub-networks) up to this many units")
         recovery: str = option("none", choices=RECOVERY, help="mean_update: replace a removed unit by its mean update")
         recovery_source: str = option("unpruned", choices=SOURCES, help="mean update measured on the unpruned or "
                                       "the progressively pruned model")
@@ -74,6 +85,13 @@ class Depth(Method):
         def __post_init__(self) -> None:
             if self.layers is not None:
                 object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+
+    def score_name(self, recipe) -> str | None:
+        name = super().score_name(recipe)
+        if name in RENAMED:
+            _renamed(name)
+            return RENAMED[name]
+        return name
 
     def needs_data(self, recipe) -> bool:
         opts = self.options(recipe)
@@ -119,43 +137,39 @@ class Depth(Method):
                 ctx.progress.update(f"depth: {score.name} ({opts.unit})", i + 1, n)
         return result
 
-    @torch.no_grad()
-    def utility(self, ctx: PruneContext, opts, reference: list[torch.Tensor] | None) -> float:
-        """Utility of the model as it is now: minus the LM loss, or minus the mean logit distance to `reference`."""
-        total = count = 0.0
-        for b, (batch, logits) in enumerate(ctx.logits()):
-            logits = logits.float()
-            if opts.utility == "loss":
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="sum")
-                total += nll.item()
-                count += batch[:, 1:].numel()
-            else:
-                total += (logits - reference[b].to(logits.device)).norm(dim=-1).sum().item()
-                count += logits.shape[0] * logits.shape[1]
-        return -total / count
+    def make_utility(self, ctx: PruneContext, opts):
+        """The sub-network utility, built on the model as it is before any removal."""
+        return make_utility(opts.utility, ctx.model, ctx.spec, ctx.calibration_ids, ctx.recipe.batch_size,
+                            ctx.tokenizer, opts.task, opts.task_docs, [opts.task_dir] if opts.task_dir else [])
 
     @torch.no_grad()
-    def subnetwork_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int]) -> dict[int, float]:
+    def subnetwork_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int],
+                          utility) -> tuple[dict[int, float], dict]:
+        """Unit values from the utilities of the sub-networks the score plans (each distinct one evaluated once)."""
         score = self.score(ctx.recipe)
         model, spec = ctx.model, ctx.spec
         gen = torch.Generator().manual_seed(ctx.recipe.seed)
-        masks = score.fn.masks(len(candidates), opts.samples, opts.keep, gen)
-        reference = None
-        if opts.utility == "logit_distance":
-            reference = [logits.float().cpu() for _, logits in ctx.logits()]
-        utilities = []
-        for row, mask in enumerate(masks):
+        plan = score.fn.plan(len(candidates), Sampling(opts.samples, opts.keep, opts.exact_max), gen)
+        unique, inverse = torch.unique(plan.masks, dim=0, return_inverse=True)
+        values = []
+        for row, mask in enumerate(unique):
             off = [c for c, present in zip(candidates, mask.tolist()) if not present]
             with units_disabled(model, spec, opts.unit, disabled + off):
-                utilities.append(self.utility(ctx, opts, reference))
-            ctx.progress.update(f"depth: {score.name} sub-networks", row + 1, len(masks))
-        values = score.fn.values(masks, torch.tensor(utilities, dtype=torch.float64))
-        return dict(zip(candidates, values.tolist()))
+                values.append(utility(model, spec))
+            ctx.progress.update(f"depth: {score.name} sub-networks", row + 1, len(unique))
+        estimate = plan.estimate(torch.tensor(values, dtype=torch.float64)[inverse])
+        info = {**estimate.info, "utility": opts.utility, "subnetworks_evaluated": len(unique)}
+        if opts.utility == "task":
+            info.update(task=opts.task, task_docs=len(utility.task.docs))
+        if estimate.stderr is not None:
+            info["stderr"] = {str(c): e for c, e in zip(candidates, estimate.stderr.tolist())}
+        return dict(zip(candidates, estimate.values.tolist())), info
 
-    def unit_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int]) -> dict[int, float]:
+    def unit_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int],
+                    utility=None) -> tuple[dict[int, float], dict | None]:
         if self.score(ctx.recipe).kind == "subnetwork":
-            return self.subnetwork_scores(ctx, opts, candidates, disabled)
-        return self.per_token_scores(ctx, opts, candidates, disabled)
+            return self.subnetwork_scores(ctx, opts, candidates, disabled, utility)
+        return self.per_token_scores(ctx, opts, candidates, disabled), None
 
     # -- selection --------------------------------------------------------------------------------------------
 
@@ -170,11 +184,14 @@ class Depth(Method):
             return count, None
         return None, to_remove
 
-    def select(self, ctx: PruneContext, opts, candidates: list[int]) -> tuple[list[int], list[dict]]:
-        """Units to remove, and the scores seen at each step (one step when one-shot)."""
+    def select(self, ctx: PruneContext, opts, candidates: list[int]) -> tuple[list[int], list[dict], list[dict]]:
+        """Units to remove, the scores seen at each step (one step when one-shot) and, for sub-network scores, what
+        each step's estimate rests on (estimator, sample count, standard errors)."""
         count, to_remove = self.removal_budget(ctx)
         chosen: list[int] = []
         history: list[dict] = []
+        estimates: list[dict] = []
+        utility = self.make_utility(ctx, opts) if self.score(ctx.recipe).kind == "subnetwork" else None
         removed = 0
 
         def done() -> bool:
@@ -187,8 +204,10 @@ class Depth(Method):
                 raise InvalidTargetError(f"The target asks for {what} of {opts.unit} removal but only "
                                          f"{len(candidates)} candidates exist (protected or already removed units "
                                          "are excluded). Lower the target.")
-            scores = self.unit_scores(ctx, opts, remaining, chosen)
+            scores, info = self.unit_scores(ctx, opts, remaining, chosen, utility)
             history.append({str(k): v for k, v in sorted(scores.items())})
+            if info is not None:
+                estimates.append(info)
             ranked = sorted(remaining, key=lambda i: (scores[i], i))
             for unit in ranked[:1] if opts.iterative else ranked:
                 if done():
@@ -201,7 +220,7 @@ class Depth(Method):
                 removed += params
         if opts.unit == "block" and len(chosen) >= ctx.model.config.num_hidden_layers:
             raise InvalidTargetError("The target removes every block; lower it.")
-        return sorted(chosen), history
+        return sorted(chosen), history, estimates
 
     # -- recovery and removal ---------------------------------------------------------------------------------
 
@@ -275,6 +294,7 @@ class Depth(Method):
         if recover and opts.recovery_source == "unpruned":
             means = self.mean_updates(ctx, opts, candidates, progressive=False)
         history: list[dict] = []
+        estimates: list[dict] = []
         if opts.layers is not None:
             bad = [i for i in opts.layers if i not in range(n)]
             if bad:
@@ -284,15 +304,32 @@ class Depth(Method):
                 missing = [i for i in chosen if i not in means]
                 means.update(self.mean_updates(ctx, opts, missing, progressive=False) if missing else {})
         else:
-            chosen, history = self.select(ctx, opts, candidates)
+            chosen, history, estimates = self.select(ctx, opts, candidates)
         if recover and opts.recovery_source == "pruned":
             means = self.mean_updates(ctx, opts, chosen, progressive=True)
         elif opts.unit != "block":
             for i in chosen:
                 self.replace(ctx, opts, i, means.get(i) if recover else None)
         storage = self.finalize_blocks(ctx, opts, chosen, means if recover else {}) if opts.unit == "block" else {}
-        report = {"unit": opts.unit, "removed": chosen, "scores": history[0] if len(history) == 1 else history}
+        report = {"unit": opts.unit, "score": self.score_name(ctx.recipe) if opts.layers is None else None,
+                  "removed": chosen, "scores": history[0] if len(history) == 1 else history}
+        if estimates:
+            report["estimate"] = estimates[0] if len(estimates) == 1 else estimates
         if recover:
             report["recovery"] = {"source": opts.recovery_source, "skip_first": opts.recovery_skip_first,
                                   "norms": {str(i): means[i].float().norm().item() for i in chosen}, **storage}
         return report
+
+
+def _renamed(old: str) -> None:
+    """Say that a depth score was renamed (the former names still work): a DeprecationWarning each time, a log line
+    once per process."""
+    message = (f"Depth score {old!r} is now called {RENAMED[old]!r} (it is not a Shapley estimate; use 'shapley' "
+               f"for Shapley values). The former name still works but is deprecated.")
+    warnings.warn(message, DeprecationWarning, stacklevel=3)
+    _log_once(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.warning(message)

@@ -1,10 +1,18 @@
 """SlimLLM (Guo et al., ICML 2025): Pearson-similarity head pruning with greedy search, PCA feature-space channel
 importance, linear-regression recovery and cosine-driven per-layer ratios, processed layer by layer.
 
-Every component is a switch (greedy, feature_space, nonuniform, regression, keep_lowest) so the paper's ablation
-can be re-run. Choices of ours (GQA units, deriving r0 / N_p / alpha from a global target, the 0.9 clip, the MLP
-fix-up that lands the global parameter target, the no-intercept fit where a family cannot hold a bias) are
-recorded in the method report.
+Every component is a switch (greedy, feature_space, nonuniform, regression, keep_lowest, protect_ends) so the
+paper's ablation can be re-run. Choices of ours (GQA units, deriving r0 / N_p / alpha from a global target, the 0.9
+clip, one common scale of the ratios that absorbs the head-rounding residue, the no-intercept fit where a family
+cannot hold a bias) are recorded in the method report, with the ratio each layer actually used.
+
+The paper's constants and ours. It runs LLaMA-7B (L = 32 layers) at r0 = 0.25, N_p = 26, alpha = 10 ("20%") and
+r0 = 0.55, N_p = 30, alpha = 7 ("50%"), with heads and channels of a pruned layer at r_l and r_l averaging r0 over
+the N_p layers. So those settings remove r0 * N_p / L of the heads + MLP parameters: 0.203125 and 0.515625 (19.5% and
+49.6% of all LLaMA-7B parameters). We take the target instead and derive r0 = rho * L / N_p, rho = the fraction of
+heads + MLP parameters to remove, with N_p and alpha interpolated linearly in rho through the paper's two settings:
+at rho = 0.203125 / 0.515625 this gives exactly N_p = 26 / 30, alpha = 10 / 7 and r0 = 0.25 / 0.55 (a target of
+20% / 50% of the heads + MLP gives r0 = 0.246 / 0.533 instead; 20% / 50% of all parameters, 0.256 / 0.555).
 """
 from __future__ import annotations
 
@@ -13,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..allocation import round_to_multiple
 from ..errors import InvalidTargetError, RecipeError
 from ..layer_config import head_dim, layer_shapes
 from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers
@@ -25,6 +32,7 @@ from ..stats import ContributionStats, InputNorms, KeptOutputSums, OutputCovaria
 from ..surgery import LayerPlan, enable_bias, prune_layer
 from ..options import option
 from . import Method, PruneContext, register_method
+from .slimllm_budget import Allocation, LayerSizes, allocate
 from .width import mlp_tensors
 
 logger = logging.getLogger(__name__)
@@ -32,15 +40,26 @@ logger = logging.getLogger(__name__)
 HEAD_MODES = ("kv_group", "query")
 
 
+# the paper's two LLaMA-7B settings as (rho = r0 * N_p / L, N_p / L, alpha); see the module docstring
+PAPER_SETTINGS = ((0.25 * 26 / 32, 26 / 32, 10.0), (0.55 * 30 / 32, 30 / 32, 7.0))
+
+
+def _through_paper(rho: float, column: int) -> float:
+    (x0, *a), (x1, *b) = PAPER_SETTINGS
+    y0, y1 = a[column], b[column]
+    return y0 + (rho - x0) * (y1 - y0) / (x1 - x0)
+
+
 def default_pruned_layers(n_layers: int, ratio: float) -> int:
-    """N_p from the paper's LLaMA-7B settings (26/32 layers at 20%, 30/32 at 50%), interpolated [ours]."""
-    frac = min(1.0, max(0.5, 0.8125 + (ratio - 0.2) * (0.125 / 0.3)))
-    return max(1, round(frac * n_layers))
+    """N_p: the paper's 26/32 and 30/32 layers at its two settings, linear in between and beyond, kept within
+    [L/2, L] [ours]. `ratio` = rho, the fraction of heads + MLP parameters to remove."""
+    frac = min(1.0, max(0.5, _through_paper(ratio, 0)))
+    return max(1, round(frac * n_layers + 1e-9))
 
 
 def default_alpha(ratio: float) -> float:
-    """alpha from the paper's settings (10 at 20%, 7 at 50%), interpolated and clamped to [5, 12] [ours]."""
-    return min(12.0, max(5.0, 10.0 - 10.0 * (ratio - 0.2)))
+    """alpha: the paper's 10 and 7 at its two settings, linear in rho, clamped to [5, 12] [ours]."""
+    return min(12.0, max(5.0, _through_paper(ratio, 1)))
 
 
 @register_method
@@ -62,6 +81,7 @@ class SlimLLM(Method):
         pruned_layers: int | None = option(None, min=1, help="N_p, the number of pruned layers (default: from the "
                                            "ratio)")
         clip: float = option(0.9, min=0, max=1, exclusive=True, help="maximum per-layer ratio")
+        protect_ends: bool = True  # first and last layers keep everything (the paper's ratio 0); False prunes them
         prune_heads: bool = True
         prune_mlp: bool = True
 
@@ -103,19 +123,26 @@ class SlimLLM(Method):
         if recipe.layers.ratios is not None:
             return recipe.layers.layer_ratios(n, 0.0), {"ratios": "explicit"}
         prunable = recipe.layers.prunable(n)
+        if opts.protect_ends:
+            prunable = [i for i in prunable if i not in (0, n - 1)]
+            if not prunable:
+                raise InvalidTargetError(f"With its first and last layers protected, this {n}-layer model has no "
+                                         "layer left to prune. Set the option protect_ends=false.")
         if not opts.nonuniform:
             r = rho * n / len(prunable)
             if r > opts.clip:
                 raise InvalidTargetError(f"The target needs {r:.0%} of every prunable layer, above the clip "
-                                         f"{opts.clip:.0%}. Lower the target or protect fewer layers.")
-            return recipe.layers.layer_ratios(n, r), {"ratios": "uniform", "r": r}
+                                         f"{opts.clip:.0%}. Lower the target or protect fewer layers"
+                                         f"{' (protect_ends=false)' if opts.protect_ends else ''}.")
+            return [r if i in prunable else 0.0 for i in range(n)], {"ratios": "uniform", "r": r}
         n_p = min(opts.pruned_layers or default_pruned_layers(n, rho), len(prunable))
         while rho * n / n_p > opts.clip and n_p < len(prunable):
             n_p += 1
         r0 = rho * n / n_p
         if r0 > opts.clip:
             raise InvalidTargetError(f"The target needs an average ratio {r0:.0%} over the {n_p} prunable layers, "
-                                     f"above the clip {opts.clip:.0%}. Lower the target.")
+                                     f"above the clip {opts.clip:.0%}. Lower the target"
+                                     f"{' or set protect_ends=false' if opts.protect_ends else ''}.")
         alpha = opts.alpha if opts.alpha is not None else default_alpha(rho)
         masked = similarity.clone()
         blocked = [i for i in range(n) if i not in prunable]
@@ -125,68 +152,31 @@ class SlimLLM(Method):
 
     # -- counts ---------------------------------------------------------------------------------------------
 
-    def head_counts(self, ctx: PruneContext, opts, ratios: list[float]) -> list[int]:
-        """Units to prune per layer: KV groups (kv_group mode) or query heads per group (query mode)."""
-        counts = []
-        for i, (shape, r) in enumerate(zip(layer_shapes(ctx.model.config), ratios)):
-            if not opts.prune_heads or r == 0 or SKIP_ATTENTION in shape.skip:
-                counts.append(0)
-                continue
-            rep = shape.num_attention_heads // shape.num_key_value_heads
-            units = shape.num_key_value_heads if opts.head_mode == "kv_group" else rep
-            if opts.head_mode == "query" and rep == 1:
-                raise InvalidTargetError(f"Layer {i} has no GQA groups; use head_mode kv_group.")
-            counts.append(min(round(r * units), units - 1))
-        return counts
+    def layer_sizes(self, ctx: PruneContext, opts) -> list[LayerSizes]:
+        """Head units (KV groups, or query heads per group) and MLP channels each layer may lose, with costs."""
+        model, spec = ctx.model, ctx.spec
+        sizes = []
+        for i, shape in enumerate(layer_shapes(model.config)):
+            c = unit_costs(model, spec, i)
+            units = cost = 0
+            if opts.prune_heads and SKIP_ATTENTION not in shape.skip:
+                rep = shape.num_attention_heads // shape.num_key_value_heads
+                if opts.head_mode == "query" and rep == 1:
+                    raise InvalidTargetError(f"Layer {i} has no GQA groups; use head_mode kv_group.")
+                units = shape.num_key_value_heads if opts.head_mode == "kv_group" else rep
+                cost = c.head_unit(opts.head_mode, shape.num_attention_heads, shape.num_key_value_heads)
+            width = shape.intermediate_size if opts.prune_mlp and SKIP_MLP not in shape.skip else 0
+            sizes.append(LayerSizes(units, cost, width, c.mlp_neuron if width else 0))
+        return sizes
 
-    def mlp_counts(self, ctx: PruneContext, opts, ratios: list[float], head_counts: list[int],
-                   to_remove: int) -> list[int]:
-        """Channels to prune per layer: r_l * m rounded to the recipe's multiple, then adjusted so that heads plus
-        channels remove the target's parameters within one rounding unit [ours]."""
-        model, spec, multiple = ctx.model, ctx.spec, ctx.recipe.round_to
-        shapes = layer_shapes(model.config)
-        costs = [unit_costs(model, spec, i) for i in range(len(shapes))]
-        removed_heads = 0
-        for shape, c, k in zip(shapes, costs, head_counts):
-            removed_heads += k * c.head_unit(opts.head_mode, shape.num_attention_heads, shape.num_key_value_heads)
-        active = [i for i, r in enumerate(ratios) if r > 0 and opts.prune_mlp and SKIP_MLP not in shapes[i].skip]
-        if not active:
-            return [0] * len(shapes)
-        weights = {i: ratios[i] * shapes[i].intermediate_size for i in active}
-        need = max(0, to_remove - removed_heads)
-        counts = [0] * len(shapes)
-        if len(active) == len(shapes) and len({(ratios[i], shapes[i].intermediate_size) for i in active}) == 1:
-            # uniform: one width for every layer, so the checkpoint stays loadable by plain transformers
-            m = shapes[0].intermediate_size
-            wanted = need / sum(costs[i].mlp_neuron for i in active)
-            kept = max(multiple, round_to_multiple(m - wanted, multiple))
-            return [m - min(kept, m)] * len(shapes)
-        per_weight = need / sum(weights[i] * costs[i].mlp_neuron for i in active)
-        for i in active:
-            m = shapes[i].intermediate_size
-            cap = m - max(multiple, 1)
-            counts[i] = min(cap, max(0, m - round_to_multiple(m - weights[i] * per_weight, multiple)))
-        # largest-remainder style fix-up, one rounding unit at a time
-        unit = max(multiple, 1)
-        removed = lambda: removed_heads + sum(counts[i] * costs[i].mlp_neuron for i in active)  # noqa: E731
-        step_cost = max(costs[i].mlp_neuron for i in active) * unit
-        for _ in range(10_000):
-            gap = to_remove - removed()
-            if abs(gap) <= step_cost / 2:
-                break
-            if gap > 0:
-                room = [i for i in active if counts[i] + unit <= shapes[i].intermediate_size - unit]
-                if not room:
-                    break
-                i = max(room, key=lambda j: weights[j] * per_weight - counts[j])
-                counts[i] += unit
-            else:
-                room = [i for i in active if counts[i] >= unit]
-                if not room:
-                    break
-                i = min(room, key=lambda j: weights[j] * per_weight - counts[j])
-                counts[i] -= unit
-        return counts
+    def counts(self, ctx: PruneContext, opts, ratios: list[float], to_remove: int | None) -> Allocation:
+        """Heads and channels of each layer at one ratio r'_l = min(clip, s * r_l), s fitted to the target."""
+        sizes = self.layer_sizes(ctx, opts)
+        pruned = [i for i, r in enumerate(ratios) if r > 0]
+        # every layer at one width keeps the checkpoint loadable by plain transformers
+        same = (len(pruned) == len(sizes) and len({(ratios[i], sizes[i]) for i in pruned}) == 1)
+        clip = opts.clip if to_remove is not None else 1.0  # explicit ratios are taken as given
+        return allocate(ratios, sizes, to_remove, clip, ctx.recipe.round_to, same)
 
     # -- per-layer pruning ----------------------------------------------------------------------------------
 
@@ -269,22 +259,29 @@ class SlimLLM(Method):
             raise InvalidTargetError(f"The target removes {to_remove:,} parameters but heads and MLPs hold only "
                                      f"{sum(prunable):,}. Lower the target.")
         ratios, ratio_info = self.layer_ratios(ctx, opts, similarity, rho)
-        heads = self.head_counts(ctx, opts, ratios)
-        channels = self.mlp_counts(ctx, opts, ratios, heads, to_remove)
+        explicit = ratio_info["ratios"] == "explicit"
+        plan = self.counts(ctx, opts, ratios, None if explicit else to_remove)
+        sizes = self.layer_sizes(ctx, opts)
         runner = ctx.runner()
         n = model.config.num_hidden_layers
         per_layer = []
         for i in range(n):
-            entry = {"layer": i, "ratio": ratios[i], "similarity": similarity[i].item()}
-            if heads[i]:
-                entry.update(self.prune_heads(ctx, opts, runner, i, heads[i], folds["attention"] == "scale+bias"))
-            if channels[i]:
-                entry.update(self.prune_mlp(ctx, opts, runner, i, channels[i], folds["mlp"] == "scale+bias"))
+            k, c = plan.heads[i], plan.channels[i]
+            entry = {"layer": i, "ratio": plan.ratios[i], "ratio_requested": ratios[i],
+                     "similarity": similarity[i].item(),
+                     "heads_removed_fraction": k / sizes[i].head_units if sizes[i].head_units else 0.0,
+                     "channels_removed_fraction": c / sizes[i].channels if sizes[i].channels else 0.0}
+            if k:
+                entry.update(self.prune_heads(ctx, opts, runner, i, k, folds["attention"] == "scale+bias"))
+            if c:
+                entry.update(self.prune_mlp(ctx, opts, runner, i, c, folds["mlp"] == "scale+bias"))
             runner.advance(i)
             per_layer.append(entry)
             ctx.progress.update("slimllm: pruning", i + 1, n)
         return {"options": {k: getattr(opts, k) for k in opts.__dataclass_fields__}, "average_ratio": rho,
-                "regression_fold": folds, **ratio_info, "layers": per_layer}
+                "regression_fold": folds, **ratio_info, "ratio_scale": plan.scale,
+                "params_to_remove": None if explicit else to_remove, "params_removed_planned": plan.removed,
+                "layers": per_layer}
 
 
 @torch.no_grad()

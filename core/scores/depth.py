@@ -3,9 +3,16 @@
 Per-token scores take the residual stream before (x) and after (y) the unit, [N, d] each, and return [N]; the
 unit's score is their mean over calibration tokens.
 
-Sub-network scores (Shapley-style) take a [S, U] boolean matrix of evaluated sub-networks (True = unit present)
-and their utilities [S] (higher = better, e.g. minus the LM loss) and return one value per unit [U]. Each comes
-with the sub-networks it needs (`masks`)."""
+Sub-network scores plan which sub-networks to evaluate (a [S, U] boolean matrix, True = unit present) and turn their
+utilities [S] (higher = better: minus the LM loss, minus the logit distance to the full model, or a task's accuracy)
+into one value per unit [U], with a standard error where the estimator has one:
+- `shapley`: Shapley values, exact up to `exact_max` units, antithetic permutation sampling above (shapley.py);
+- `ppl_drop`: the utility lost when the unit alone is removed;
+- `loo_contrast`: E[U | i present] - E[U | i absent] over the full network and its leave-one-out sub-networks (what
+  the released code of Siddiqui et al. computes; it ranks exactly like `ppl_drop`, it is no Shapley estimate);
+- `subnet_contrast`: the same contrast over random sub-networks keeping a fraction of the units.
+`shapley_loo` and `shapley_mc`, the former names of the two contrasts, are still accepted (with a deprecation
+warning) by the depth method."""
 from __future__ import annotations
 
 import math
@@ -15,6 +22,7 @@ from typing import Callable
 import torch
 
 from . import DEPTH_SCORES, Score, depth_score
+from .shapley import Estimate, Plan, shapley_plan
 
 
 def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,11 +54,19 @@ def relative_update_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How many sub-networks a score may sample."""
+
+    samples: int = 64  # shapley: orderings (above exact_max units); subnet_contrast: random sub-networks
+    keep: float = 0.9  # subnet_contrast: fraction of units present in each sub-network
+    exact_max: int = 12  # shapley: exact enumeration up to this many units
+
+
+@dataclass(frozen=True)
 class SubnetworkScore:
     """Which sub-networks to evaluate, and how their utilities become unit values."""
 
-    masks: Callable[[int, int, float, torch.Generator], torch.Tensor]  # (units, samples, keep, gen) -> [S, U]
-    values: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (masks, utilities) -> [U]
+    plan: Callable[[int, Sampling, torch.Generator], Plan]
 
 
 def leave_one_out_masks(units: int, samples: int = 0, keep: float = 1.0, gen=None) -> torch.Tensor:
@@ -83,13 +99,37 @@ def drop_when_removed(masks: torch.Tensor, utilities: torch.Tensor) -> torch.Ten
     return utilities[0] - utilities[1:]
 
 
-def _subnetwork(name: str, doc: str, masks, values) -> None:
-    DEPTH_SCORES.add(name, Score(name, SubnetworkScore(masks, values), True, doc, "subnetwork"))
+def _loo_plan(values: Callable, estimator: str) -> Callable[[int, Sampling, torch.Generator], Plan]:
+    def plan(units: int, sampling: Sampling, gen: torch.Generator) -> Plan:
+        masks = leave_one_out_masks(units)
+        return Plan(masks, lambda u: Estimate(values(masks, u), None, {"estimator": estimator,
+                                                                        "subnetworks": units + 1}))
+
+    return plan
 
 
+def _random_plan(units: int, sampling: Sampling, gen: torch.Generator) -> Plan:
+    masks = random_masks(units, sampling.samples, sampling.keep, gen)
+    return Plan(masks, lambda u: Estimate(present_minus_absent(masks, u), None, {
+        "estimator": "random_subnetwork_contrast", "samples": sampling.samples, "keep": sampling.keep}))
+
+
+def _shapley(units: int, sampling: Sampling, gen: torch.Generator) -> Plan:
+    return shapley_plan(units, sampling.samples, gen, sampling.exact_max)
+
+
+def _subnetwork(name: str, doc: str, plan) -> None:
+    DEPTH_SCORES.add(name, Score(name, SubnetworkScore(plan), True, doc, "subnetwork"))
+
+
+_subnetwork("shapley", "Shapley value of the unit: exact up to exact_max units, else antithetic permutation "
+            "sampling (samples orderings) with a standard error.", _shapley)
 _subnetwork("ppl_drop", "Utility lost when the unit alone is removed (loss utility: ranks like the perplexity "
-            "drop).", leave_one_out_masks, drop_when_removed)
-_subnetwork("shapley_loo", "Shapley estimate over leave-one-out sub-networks: E[U | present] - E[U | absent].",
-            leave_one_out_masks, present_minus_absent)
-_subnetwork("shapley_mc", "Monte-Carlo Shapley estimate over random sub-networks keeping a fraction of units.",
-            random_masks, present_minus_absent)
+            "drop).", _loo_plan(drop_when_removed, "leave_one_out"))
+_subnetwork("loo_contrast", "E[U | present] - E[U | absent] over the full network and its leave-one-out "
+            "sub-networks (the released code's 'Shapley'; ranks like ppl_drop).",
+            _loo_plan(present_minus_absent, "leave_one_out_contrast"))
+_subnetwork("subnet_contrast", "E[U | present] - E[U | absent] over random sub-networks keeping a fraction "
+            "`keep` of the units (not a Shapley value: sub-networks of different composition).", _random_plan)
+
+RENAMED = {"shapley_loo": "loo_contrast", "shapley_mc": "subnet_contrast"}  # former name -> name
