@@ -4,7 +4,6 @@ loops. Nothing here ranks with the library's own helpers: orders come from `sort
 inverts or shifts a ranking in the library cannot hide in the oracle as well."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -15,8 +14,8 @@ from core.scores import DEPTH_SCORES, HEAD_SCORES, MLP_SCORES
 from core.scores.depth import (drop_when_removed, leave_one_out_masks, present_minus_absent, random_masks)
 from core.scores.heads import AttentionTensors, group_scores
 from core.scores.mlp import MlpTensors
-from core.scores.slimllm import (channels_to_prune, contribution_moments, feature_space_importance, greedy_search,
-                                 input_terms, leave_one_out, pearson_similarity)
+from core.scores.slimllm import (channels_to_prune, contribution_moments, feature_space_importance, input_terms,
+                                 leave_one_out)
 
 
 def lowest(values, k: int) -> set[int]:
@@ -256,137 +255,7 @@ def test_subnetwork_scores_rank_a_unit_whose_removal_costs_nothing_lowest():
     assert order == [2, 1, 3, 0]
 
 
-# ------------------------------------------------------------------------------------ SlimLLM: head search
-
-def _similarity(c: torch.Tensor, units) -> float:
-    c = c.double()
-    y = c.sum(0)
-    x = c[list(units)].sum(0) if units else torch.zeros_like(y)
-    return pearson_similarity(x, y).item()
-
-
-def naive_algorithm1(c: torch.Tensor, k: int, groups: list[int] | None = None) -> tuple[list[int], float]:
-    """SlimLLM's Algorithm 1 (spec section 2) written out on explicit contributions c [U, N, d], no shortcuts:
-    leave-one-out similarities, the k most redundant as candidates (per group when grouped), then for each
-    candidate in order the best improving swap with a kept unit (of its group), evaluated from scratch."""
-    c = c.double()
-    n_units = c.shape[0]
-    y = c.sum(0)
-    loo = [pearson_similarity(y - c[u], y).item() for u in range(n_units)]
-    order = sorted(range(n_units), key=lambda u: (-loo[u], u))
-    if groups is None:
-        candidates, kept = order[:k], order[k:]
-    else:
-        per_group = k // (max(groups) + 1)
-        candidates, kept = [], []
-        for g in sorted(set(groups)):
-            members = [u for u in order if groups[u] == g]
-            candidates += members[:per_group]
-            kept += members[per_group:]
-    best = _similarity(c, kept)
-    for p in candidates:
-        trials = []
-        for pos, j in enumerate(kept):
-            if groups is not None and groups[j] != groups[p]:
-                continue
-            trial = kept[:pos] + [p] + kept[pos + 1:]
-            trials.append((_similarity(c, trial), pos))
-        if not trials:
-            continue
-        value, pos = max(trials, key=lambda t: (t[0], -t[1]))  # the first of equal maxima
-        if value > best:
-            best, kept = value, kept[:pos] + [p] + kept[pos + 1:]
-    return sorted(kept), best
-
-
-def _copies(n=2000, d=8, seed=0, scale=1.0) -> torch.Tensor:
-    """Units 0 and 1 are copies of one signal (1% noise); units 2, 3, 4 are independent, all of one scale.
-    Either copy alone looks the most redundant (the other still carries its signal), yet removing both loses it."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, d, generator=g)
-    twins = torch.stack([a, a + 0.01 * torch.randn(n, d, generator=g)])
-    return scale * torch.cat([twins, torch.randn(3, n, d, generator=g)])
-
-
-def test_greedy_search_fixes_the_plain_ranking_on_a_planted_copy():
-    c = _copies()
-    cov = contribution_moments(c).covariance()
-    scores = leave_one_out(cov)
-    # premise: the two copies are the two most redundant-looking units, so the plain ranking prunes both
-    assert lowest([-s for s in scores.tolist()], 2) == {0, 1}
-    plain, start, _ = greedy_search(cov, scores, 2, greedy=False)
-    assert plain == [2, 3, 4]
-    kept, start, best = greedy_search(cov, scores, 2)
-    # the search swaps one copy back in: exactly one copy survives, and the similarity rises clearly
-    assert len({0, 1} & set(kept)) == 1 and len(kept) == 3
-    assert best > start + 0.5
-    assert best == pytest.approx(_similarity(c, kept), rel=1e-9)
-    assert start == pytest.approx(_similarity(c, plain), rel=1e-9)
-    # it is the best single swap from the plain ranking (no pair of units beats it by one exchange)
-    swaps = [_similarity(c, [p if u == j else u for u in plain]) for p in (0, 1) for j in plain]
-    assert best == pytest.approx(max(swaps), rel=1e-9)
-    assert (kept, best) == pytest.approx(naive_algorithm1(c, 2))
-
-
-def test_single_swap_search_cannot_undo_a_pair_that_cancels():
-    """Why the case of the earlier test kept both planted units: units 0 and 1 cancel, so pruning both is optimal,
-    but pruning either alone is the worst move. Algorithm 1 accepts only improving single swaps, so from the plain
-    ranking (which keeps both) no swap helps. A limit of the paper's search, not a bug of ours: the result equals
-    Algorithm 1 written out in full."""
-    g = torch.Generator().manual_seed(5)
-    base = torch.randn(4, 400, 6, generator=g)
-    twin = torch.randn(400, 6, generator=g) * 3
-    c = torch.cat([torch.stack([twin, -twin + 0.01 * torch.randn(400, 6, generator=g)]), base])
-    cov = contribution_moments(c).covariance()
-    kept, start, best = greedy_search(cov, leave_one_out(cov), 2)
-    assert {0, 1} <= set(kept)
-    optimum = max(itertools.combinations(range(6), 4), key=lambda K: _similarity(c, K))
-    assert set(optimum) == {2, 3, 4, 5} and _similarity(c, optimum) > best + 1.0
-    assert (kept, best) == pytest.approx(naive_algorithm1(c, 2))
-
-
-def _covariance(c: torch.Tensor) -> torch.Tensor:
-    """Cov_k[u, v] over tokens for every column k, straight from the definition (population): [d, U, U]."""
-    x = c.double() - c.double().mean(dim=1, keepdim=True)
-    return x.permute(2, 0, 1) @ x.permute(2, 1, 0) / c.shape[1]
-
-
-def _mixed_units(seed: int, units: int = 8, n: int = 400, d: int = 6) -> torch.Tensor:
-    """Random contributions with planted redundancy: pairs of near-copies and units of very different scales, so
-    that the plain ranking is often wrong and several swaps in sequence interact."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(units, n, d, generator=g) * (0.3 + 2 * torch.rand(units, 1, 1, generator=g))
-    for a, b in ((0, 1), (2, 5), (4, 7)):
-        if torch.rand(1, generator=g).item() < 0.7:
-            base[b] = base[a] * (0.5 + torch.rand(1, generator=g).item()) + 0.05 * torch.randn(n, d, generator=g)
-    return base + torch.randn(units, 1, d, generator=g)
-
-
-@pytest.mark.parametrize("grouped", [False, True])
-def test_greedy_search_equals_algorithm_1_written_out(grouped):
-    """Over 16 planted cases, the incremental search returns what the from-scratch algorithm returns (same kept
-    set, same objective); the cases include several that swap, and some with more than one swap."""
-    swaps = multi = 0
-    for seed in range(16):
-        c = _mixed_units(seed)
-        cov = _covariance(c)
-        groups = [u // 4 for u in range(8)] if grouped else None
-        k = 4 if grouped else 3
-        kept, start, best = greedy_search(cov, leave_one_out(cov), k,
-                                          torch.tensor(groups) if grouped else None)
-        want_kept, want_best = naive_algorithm1(c, k, groups)
-        assert kept == want_kept, f"seed {seed}"
-        assert best == pytest.approx(want_best, rel=1e-9), f"seed {seed}"
-        assert best >= start - 1e-12  # never worse than the plain ranking
-        plain, _, _ = greedy_search(cov, leave_one_out(cov), k, torch.tensor(groups) if grouped else None,
-                                    greedy=False)
-        changed = len(set(kept) - set(plain))
-        swaps += changed > 0
-        multi += changed > 1
-        if grouped:
-            assert sorted(groups[u] for u in kept) == [0, 0, 1, 1]
-    assert swaps >= 5 and multi >= 1  # the cases exercise the search
-
+# ------------------------------------------------------------------------------------ SlimLLM: head scores
 
 def test_leave_one_out_ranks_a_dead_unit_most_redundant_and_the_dominant_unit_least():
     g = torch.Generator().manual_seed(7)
