@@ -303,3 +303,33 @@ def test_slimllm_handles_families_without_bias_support(tiny_dir, tmp_path, token
     out = core.save_pruned(result, tmp_path / "out")
     reloaded = core.load_pruned(str(out), device="cpu")
     torch.testing.assert_close(logits(reloaded, tokens), logits(result.model, tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"head_mode": "heads"}, r"head_mode must be one of \('kv_group', 'query'\)"),
+    ({"clip": 1.0}, r"clip must be in \(0, 1\)"),
+    ({"clip": 0.0}, r"clip must be in \(0, 1\)"),
+    ({"prune_heads": False, "prune_mlp": False}, "removes nothing"),
+    ({"greedy_search": True}, "has no option 'greedy_search'"),
+])
+def test_slimllm_options_are_validated_before_any_model_is_loaded(options, message):
+    from core.errors import RecipeError
+    from core.prune import normalize
+
+    with pytest.raises(RecipeError, match=message):
+        normalize(core.Recipe(method="slimllm", target=core.Target(ratio=0.2), options=options,
+                              model="/nonexistent/model"))
+
+
+@pytest.mark.parametrize("family,recipe,message", [
+    ("llama_mha", dict(target=core.Target(ratio=0.3), options={"head_mode": "query"}), "no GQA groups"),
+    ("llama", dict(target=core.Target(ratio=0.5), options={"nonuniform": False, "clip": 0.3}), "above the clip"),
+    ("llama", dict(target=core.Target(ratio=0.5), options={"pruned_layers": 1, "clip": 0.5},
+                   layers=core.LayerSelection(protect_first=3)), "above the clip"),
+])
+def test_slimllm_targets_it_cannot_meet_are_refused(tiny_dir, family, recipe, message):
+    from core.errors import InvalidTargetError
+
+    with pytest.raises(InvalidTargetError, match=message):
+        core.run_recipe(core.Recipe(model=str(tiny_dir(family)), method="slimllm",
+                                    calibration=core.CalibrationConfig(n_samples=2, seq_len=16), **recipe))

@@ -26,6 +26,9 @@ pytest.importorskip("uvicorn")
 WRITE, READ, BOB = "hf_alice_write", "hf_alice_read", "hf_bob_write"
 FAST = dict(eval_tokens=256, eval_length=128, speed_prompt_tokens=16, speed_new_tokens=4, speed_repeats=1,
             generation_tokens=6)
+# parameters of conftest's tiny Llama: embeddings 4096 x 64 (tied) + 4 layers x (q, k, v, o: 64 x (64 + 32 + 32 + 64)
+# + gate, up, down: 3 x 64 x 96 + two norms of 64) + the final norm of 64
+TINY_PARAMS = 4096 * 64 + 4 * (64 * 192 + 3 * 64 * 96 + 2 * 64) + 64  # 385,600
 
 
 # -------------------------------------------------------------------- fixtures
@@ -161,14 +164,14 @@ def test_unsupported_or_missing_local_models(tmp_path, settings):
 
 def test_default_model_summary(settings):
     text = handlers.check_model("", settings)
-    assert "tiny default" in text and "4 layers" in text and "385,600 parameters" in text
+    assert "tiny default" in text and "4 layers" in text and f"{TINY_PARAMS:,} parameters" in text
 
 
 # -------------------------------------------------------------------- a whole job
 def test_job_result(finished, settings):
     store, res, events = finished
     ev = res.evidence.comparison
-    assert ev.base.params == 385_600 and ev.pruned.params < ev.base.params
+    assert ev.base.params == TINY_PARAMS and ev.pruned.params < ev.base.params
     assert ev.base.perplexity > 1 and ev.pruned.perplexity > 1 and ev.pruned.eval_tokens > 200
     assert {"prefill_speedup", "decode_speedup_batch1"} <= set(ev.ratios)
     assert res.evidence.generations[0] and res.evidence.generations[1] is not None
@@ -181,7 +184,7 @@ def test_job_result(finished, settings):
         names = zf.namelist()
     assert f"{res.zip_path.stem}/model.safetensors" in names and f"{res.zip_path.stem}/pruning_recipe.yaml" in names
     summary = handlers.summary_markdown(res)
-    assert "| perplexity |" in summary and "385,600" in summary
+    assert "| perplexity |" in summary and f"{TINY_PARAMS:,}" in summary
     html = handlers.chart_markdown(res)
     assert html.count('data-removed="false"') == 4 and "67 / 96" in html
     base, pruned = handlers.regenerate(store, res.job_id, "s1", "import os", settings)
@@ -306,7 +309,7 @@ def hub_repos(local_hub, tiny_folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("repo, token, expected", [
-    ("alice/tiny-base", None, "385,600 parameters"),
+    ("alice/tiny-base", None, f"{TINY_PARAMS:,} parameters"),
     ("alice/tiny-lora", None, "holds only an adapter (adapter_config.json) on top of `alice/tiny-base`"),
     ("alice/bert", None, "Unsupported model: Model type 'bert' is not supported"),
     ("alice/pickled", None, "has no safetensors weights"),
