@@ -14,8 +14,8 @@ from core.scores import DEPTH_SCORES, HEAD_SCORES, MLP_SCORES
 from core.scores.depth import (drop_when_removed, leave_one_out_masks, present_minus_absent, random_masks)
 from core.scores.heads import AttentionTensors, group_scores
 from core.scores.mlp import MlpTensors
-from core.scores.slimllm import (channels_to_prune, contribution_moments, feature_space_importance, input_terms,
-                                 leave_one_out)
+from core.scores.slimllm import (channels_to_prune, contribution_moments, eq11_ratios, feature_space_importance,
+                                 input_terms, leave_one_out, pearson_similarity, regression_fit)
 
 
 def lowest(values, k: int) -> set[int]:
@@ -205,7 +205,7 @@ DEPTH_PLAIN = {
 @pytest.mark.parametrize("name", PER_TOKEN)
 def test_per_token_depth_scores_equal_their_definition(name):
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(6, 5, generator=g)
+    x = torch.randn(6, 5, generator=g) * torch.tensor([1.0, 1.0, 0.01, 1.0, 0.001, 1.0])[:, None]  # some short x
     y = x + torch.randn(6, 5, generator=g) * torch.tensor([0.0, 0.1, 0.5, 1.0, 3.0, 10.0])[:, None]
     got = DEPTH_SCORES.get(name).fn(x, y).tolist()
     expected = [DEPTH_PLAIN[name](a, b) for a, b in zip(rows(x), rows(y))]
@@ -224,9 +224,29 @@ def test_per_token_depth_scores_put_an_identity_block_first_and_a_rewriting_bloc
     assert mean["identity"] < mean["small"] < mean["large"]
 
 
+def test_cosine_of_parallel_rows_is_clamped_so_angles_stay_defined():
+    """In float32 cos(x, s x) often comes out above 1 (or below -1); unclamped, arccos would give NaN."""
+    x = torch.randn(2000, 64, generator=torch.Generator().manual_seed(9))
+    for y in (2.5 * x, -0.5 * x):
+        angular = DEPTH_SCORES.get("angular").fn(x, y)
+        assert not angular.isnan().any()
+        assert angular.min().item() >= 0.0 and angular.max().item() <= 1.0
+        cosine = DEPTH_SCORES.get("cosine").fn(x, y)
+        assert cosine.min().item() >= 0.0 and cosine.max().item() <= 2.0
+
+
+def test_random_masks_keep_at_least_one_and_remove_at_least_one_unit():
+    gen = torch.Generator().manual_seed(3)
+    for keep, kept in ((0.05, 1), (0.5, 2), (0.99, 4)):  # round(0.25) = 0 -> 1; round(2.5) = 2; round(4.95) = 5 -> 4
+        masks = random_masks(5, 40, keep, gen)
+        assert masks.sum(dim=1).tolist() == [kept] * 40
+
+
 def test_subnetwork_values_equal_their_definition_on_random_masks():
     gen = torch.Generator().manual_seed(6)
     masks = random_masks(5, 12, 0.6, gen)
+    masks[:, 4] = False
+    masks[3, 4] = True  # unit 4 is present in one sub-network only
     utilities = torch.randn(12, generator=gen, dtype=torch.float64)
     got = present_minus_absent(masks, utilities).tolist()
     for u in range(5):
@@ -236,7 +256,6 @@ def test_subnetwork_values_equal_their_definition_on_random_masks():
             assert got[u] == pytest.approx(sum(present) / max(len(present), 1) - sum(absent) / len(absent))
         else:
             assert got[u] == math.inf
-    assert all(int(r.sum()) == 3 for r in masks)  # round(0.6 * 5) units kept in each sub-network
 
 
 def test_subnetwork_scores_rank_a_unit_whose_removal_costs_nothing_lowest():
@@ -317,3 +336,63 @@ def test_channels_to_prune_never_runs_past_the_end():
     # 298 of 300 with 3 kept at the bottom cannot fit: the offset shrinks so that exactly `count` are pruned
     assert channels_to_prune(scores, 298) == list(range(2, 300))
     assert channels_to_prune(scores, 300 - 3) == list(range(3, 300))
+
+
+# --------------------------------------------------------------------- SlimLLM: similarity, ratios, regression
+
+def _pearson_plain(x: torch.Tensor, y: torch.Tensor) -> float:
+    """sum over columns of |Pearson correlation| (population moments), dead columns counting 0, in plain Python."""
+    total = 0.0
+    for k in range(x.shape[1]):
+        a, b = [float(v) for v in x[:, k]], [float(v) for v in y[:, k]]
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        cov = sum((p - ma) * (q - mb) for p, q in zip(a, b)) / len(a)
+        va, vb = sum((p - ma) ** 2 for p in a) / len(a), sum((q - mb) ** 2 for q in b) / len(b)
+        total += abs(cov) / math.sqrt(va * vb) if va * vb > 0 else 0.0
+    return total
+
+
+def test_pearson_similarity_counts_anti_correlation_and_small_scales():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.01, 1e-3, 1.0, 1.0])
+    y = torch.randn(300, 5, generator=g, dtype=torch.float64) * 0.02 + x * torch.tensor([1.0, -1.0, 3.0, -0.5, 0.0])
+    y[:, 4] = 0.5  # a dead column counts 0
+    assert pearson_similarity(x, y).item() == pytest.approx(_pearson_plain(x, y), rel=1e-9)
+    assert pearson_similarity(x, -x).item() == pytest.approx(5.0)  # |-1| in every column
+
+
+def test_eq11_refuses_impossible_layer_counts_and_averages():
+    sims = torch.tensor([0.9, 0.8, 0.95, 0.7])
+    for n_pruned in (0, 5):
+        with pytest.raises(ValueError, match="n_pruned"):
+            eq11_ratios(sims, 0.2, n_pruned, 10.0)
+    assert int((eq11_ratios(sims, 0.2, 4, 10.0) > 0).sum()) == 4
+    # an average exactly at the clip is allowed: the two most similar layers get the clip each
+    assert eq11_ratios(sims, 0.9, 2, 10.0, clip=0.9).tolist() == pytest.approx([0.9, 0.0, 0.9, 0.0])
+    with pytest.raises(ValueError, match="exceeds the clip"):
+        eq11_ratios(sims, 0.91, 2, 10.0, clip=0.9)
+
+
+def test_regression_treats_numerically_constant_columns_as_constant():
+    """The variance guard is relative: a column whose variance is 1e-16 of its mean square is constant (a = 1,
+    b = 0); one at 1e-8 is still fitted."""
+    g = torch.Generator().manual_seed(12)
+    n = 500
+    noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    x = torch.stack([1000.0 + 1e-5 * noise[:, 0], 1.0 + 1e-4 * noise[:, 1]], dim=1)
+    y = 3.0 * x + 0.25
+    a, b = regression_fit(x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0), n)
+    assert (a[0].item(), b[0].item()) == (1.0, 0.0)
+    assert a[1].item() == pytest.approx(3.0, rel=1e-4) and b[1].item() == pytest.approx(0.25, abs=1e-3)
+
+
+def test_regression_without_bias_is_the_least_squares_scale():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    y = x * torch.tensor([2.0, -0.5, 1.0]) + 0.1 * torch.randn(400, 3, generator=g, dtype=torch.float64)
+    x[:, 2] = 0.0  # nothing to scale: a = 1
+    a, b = regression_fit(x.sum(0), y.sum(0), (x * x).sum(0), (x * y).sum(0), 400, with_bias=False)
+    for k in range(2):
+        xs, ys = [float(v) for v in x[:, k]], [float(v) for v in y[:, k]]
+        assert a[k].item() == pytest.approx(sum(p * q for p, q in zip(xs, ys)) / sum(p * p for p in xs), rel=1e-9)
+    assert a[2].item() == 1.0 and b.tolist() == [0.0, 0.0, 0.0]
