@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+import core
+
 from core.allocation import keep_count, ratio_for_budget, round_to_multiple
 from core.errors import InvalidTargetError
 
@@ -30,3 +32,8 @@ def test_the_smallest_budgets():
     for to_remove, removable in ((1, 1), (0, 0), (5, -1)):
         with pytest.raises(InvalidTargetError, match="hold only"):
             ratio_for_budget(to_remove, removable, "MLPs")
+
+
+def test_the_smallest_valid_targets():
+    assert core.Target(width=1).width == 1 and core.Target(expansion_rate=1e-3).expansion_rate == 1e-3
+    assert core.Target(target_params=1).target_params == 1

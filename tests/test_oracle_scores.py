@@ -331,6 +331,16 @@ def test_channels_to_prune_follows_the_one_percent_rule(m, count):
         assert not set(ascending[:m0]) & set(channels_to_prune(scores, count))
 
 
+def test_channels_to_prune_breaks_ties_by_index():
+    """Dead channels score exactly 0 and tie: the lowest indices come first (kept by the 1% rule), whatever the
+    sort does with ties for this size."""
+    scores = torch.randperm(300, generator=torch.Generator().manual_seed(4)).float() + 1.0
+    dead = [250, 10, 180, 40, 120, 7, 299, 66]
+    scores[dead] = 0.0
+    assert channels_to_prune(scores, 5) == sorted(dead)[3:8]  # round(0.01 * 300) = 3 kept
+    assert channels_to_prune(scores, 5, keep_lowest=False) == sorted(dead)[:5]
+
+
 def test_channels_to_prune_never_runs_past_the_end():
     scores = torch.arange(300.0)
     # 298 of 300 with 3 kept at the bottom cannot fit: the offset shrinks so that exactly `count` are pruned
@@ -366,6 +376,7 @@ def test_eq11_refuses_impossible_layer_counts_and_averages():
     for n_pruned in (0, 5):
         with pytest.raises(ValueError, match="n_pruned"):
             eq11_ratios(sims, 0.2, n_pruned, 10.0)
+    assert eq11_ratios(sims, 0.2, 1, 10.0).tolist() == pytest.approx([0.0, 0.0, 0.2, 0.0])  # one layer: the most similar
     assert int((eq11_ratios(sims, 0.2, 4, 10.0) > 0).sum()) == 4
     # an average exactly at the clip is allowed: the two most similar layers get the clip each
     assert eq11_ratios(sims, 0.9, 2, 10.0, clip=0.9).tolist() == pytest.approx([0.9, 0.0, 0.9, 0.0])

@@ -178,6 +178,23 @@ def test_greedy_search_equals_algorithm_1_written_out(grouped):
     assert swaps >= 5 and multi >= 1  # the cases exercise the search
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_dead_units_tie_and_the_lowest_indices_are_pruned_first(grouped):
+    """Units that contribute nothing all have the highest leave-one-out similarity, exactly tied: the candidates
+    are the lowest-indexed of them (a stable order, whatever the sort does with ties for 100 units), and no swap
+    between two dead units counts as an improvement."""
+    g = torch.Generator().manual_seed(14)
+    c = torch.randn(100, 60, 4, generator=g, dtype=torch.float64)
+    dead = [90, 3, 57, 12, 71, 44, 28, 99, 65, 8]
+    c[dead] = 0.0
+    cov = _covariance(c)
+    groups = torch.arange(100) // 50 if grouped else None
+    kept, start, best = greedy_search(cov, leave_one_out(cov), 4, groups)
+    pruned = sorted(set(range(100)) - set(kept))
+    expected = [3, 8, 57, 65] if grouped else [3, 8, 12, 28]  # two per group of 50 when grouped
+    assert pruned == expected and best == start
+
+
 def test_feature_space_importance_closed_form():
     g = torch.Generator().manual_seed(2)
     d, m, n = 10, 7, 200

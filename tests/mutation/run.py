@@ -243,7 +243,7 @@ def summarize(config: dict, mutants: dict[str, list[Mutant]], status: dict[str, 
         "score": round(killed / judged, 4) if judged else None, "killed": killed, "judged": judged,
         "not_run": sum(v[NOT_RUN] for v in per_module.values()), "threshold": config["threshold"],
         "seconds": round(seconds, 1), "workers": workers, "modules": per_module, "survivors": survivors,
-        "equivalent": config.get("equivalent", []),
+        "equivalent": config.get("equivalent", []), "known_survivors": config.get("known_survivor", []),
     }
 
 
@@ -259,8 +259,12 @@ def markdown(summary: dict, command: str) -> str:
         score = f"{v['score']:.1%}" if v["score"] is not None else "-"
         lines.append(f"| `{module}` | {total} | {v[KILLED]} | {v[TIMEOUT]} | {v[SURVIVED]} | {v[NOT_COVERED]} | "
                      f"{score} |")
+    notes = {e["mutant"]: e["reason"] for e in summary.get("known_survivors", [])}
     lines += ["", "## Survivors", ""]
-    lines += [f"- {s['status']}: `{s['mutant']}`" for s in summary["survivors"]] or ["none"]
+    lines += [f"- {s['status']}: `{s['mutant']}`" + (f" ({notes[s['mutant']]})" if s["mutant"] in notes else "")
+              for s in summary["survivors"]] or ["none"]
+    lines += ["", "## Equivalent mutants (left out of the score)", ""]
+    lines += [f"- `{e['mutant']}`: {e['reason']}" for e in summary["equivalent"]] or ["none"]
     return "\n".join(lines) + "\n"
 
 
@@ -302,10 +306,10 @@ def main() -> None:
         sys.exit(0 if args.mutant else code)
     summary = summarize(config, mutants, plugin.status, time.monotonic() - started, workers)
     print(markdown(summary, "python tests/mutation/run.py"))
-    named = {e["mutant"] for e in config.get("equivalent", [])}
+    named = {e["mutant"] for e in config.get("equivalent", []) + config.get("known_survivor", [])}
     gone = named - {m.name for items in mutants.values() for m in items}
     if gone and not args.modules:
-        print("config.toml lists equivalent mutants that no longer exist (update it):\n  " + "\n  ".join(sorted(gone)))
+        print("config.toml names mutants that no longer exist (update it):\n  " + "\n  ".join(sorted(gone)))
     if args.write:
         (HERE / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         (HERE / "results.md").write_text(markdown(summary, "python tests/mutation/run.py --write"), encoding="utf-8")
