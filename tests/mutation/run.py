@@ -20,6 +20,7 @@ import importlib
 import inspect
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -92,13 +93,18 @@ def _trace(fn, files: set[str]) -> tuple[object, dict[str, set[int]]]:
         sys.settrace(None)
 
 
-def _in_child(work, quiet: bool = True) -> int:
-    """Fork; the child runs work() -> exit code (output silenced when quiet) and never returns. Returns the pid."""
+def _in_child(work, session, quiet: bool = True) -> int:
+    """Fork; the child runs work() -> exit code (output silenced when quiet) and never returns. Returns the pid.
+    Each child gets its own pytest base temp folder: children run at the same time and pytest empties the base
+    folder on first use."""
     pid = os.fork()
     if pid:
         return pid
     code = 3
+    basetemp = Path(tempfile.mkdtemp(prefix="mutant-"))
     try:
+        factory = session.config._tmp_path_factory  # no public way to point tmp_path elsewhere after start-up
+        factory._given_basetemp, factory._basetemp = basetemp, None
         if quiet:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
@@ -111,6 +117,7 @@ def _in_child(work, quiet: bool = True) -> int:
             traceback.print_exc()
     finally:
         sys.stdout.flush()
+        shutil.rmtree(basetemp, ignore_errors=True)
         os._exit(code)
 
 
@@ -125,11 +132,14 @@ class MutationSession:
         self.started = time.monotonic()
 
     def pytest_runtestloop(self, session):
+        self.session = session
         items = {m: [i for test in e["tests"] for i in session.items if _selected(i.nodeid, test)]
                  for m, e in self.modules.items()}
-        for module, selected in items.items():
-            if not selected:
-                raise SystemExit(f"no test of {module} was collected: check config.toml")
+        for module, entry in self.modules.items():
+            for test in entry["tests"]:
+                if not any(_selected(i.nodeid, test) for i in session.items):
+                    raise SystemExit(f"config.toml maps {module} to {test}, which collects no test (renamed, or "
+                                     "marked slow?): fix the map")
         if self.show:
             self.show_mutants(items)
             return True
@@ -162,7 +172,7 @@ class MutationSession:
                 return 0
 
             start = time.monotonic()
-            os.waitpid(_in_child(work), 0)
+            os.waitpid(_in_child(work, self.session), 0)
             seconds = time.monotonic() - start
             result = json.loads(Path(out.name).read_text() or '{"ok": false, "failure": "crashed"}')
         if not result["ok"]:
@@ -176,7 +186,7 @@ class MutationSession:
         while queue or running:
             while queue and len(running) < self.workers and time.monotonic() - self.started < self.budget:
                 mutant, items, timeout = queue.pop(0)
-                running[_in_child(lambda m=mutant, it=items: _mutant_exit_code(m, it))] = (
+                running[_in_child(lambda m=mutant, it=items: _mutant_exit_code(m, it), self.session)] = (
                     mutant, time.monotonic() + timeout)
             if not running:
                 break
@@ -209,7 +219,7 @@ class MutationSession:
                     print(f"survived: {m.name}" if ok else f"killed: {m.name}\nby {failure}", flush=True)
                     return 0 if ok else 1
 
-                os.waitpid(_in_child(work, quiet=False), 0)
+                os.waitpid(_in_child(work, self.session, quiet=False), 0)
 
 
 def _mutant_exit_code(mutant: Mutant, items) -> int:
@@ -243,16 +253,31 @@ def summarize(config: dict, mutants: dict[str, list[Mutant]], status: dict[str, 
         "score": round(killed / judged, 4) if judged else None, "killed": killed, "judged": judged,
         "not_run": sum(v[NOT_RUN] for v in per_module.values()), "threshold": config["threshold"],
         "seconds": round(seconds, 1), "workers": workers, "modules": per_module, "survivors": survivors,
-        "equivalent": config.get("equivalent", []), "known_survivors": config.get("known_survivor", []),
+        "equivalent": [e for e in config.get("equivalent", []) if e["mutant"].split("::")[0] in mutants],
+        "known_survivors": config.get("known_survivor", []),
+        "machine": _machine(),
     }
 
 
+def _machine() -> dict:
+    import platform
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return {"cpus": os.cpu_count(), "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+            "cpu_seconds": round(cpu, 1), "python": platform.python_version(), "platform": platform.platform()}
+
+
 def markdown(summary: dict, command: str) -> str:
+    m = summary["machine"]
     lines = ["# Mutation testing", "", f"- Command: `{command}`",
              f"- Score: **{summary['score']:.1%}** of {summary['judged']} mutants killed (threshold "
              f"{summary['threshold']:.0%}); {summary['not_run']} not run within the budget; "
              f"{len(summary['equivalent'])} equivalent mutants left out (config.toml gives the reasons)",
-             f"- Run time: {summary['seconds']:.0f} s with {summary['workers']} worker(s)", "",
+             f"- Run time: {summary['seconds']:.0f} s with {summary['workers']} worker(s), {m['cpu_seconds']:.0f} CPU "
+             f"seconds in all; machine: {m['cpus']} CPUs, load average {m['load_average_1min_at_end']} at the end "
+             "(a shared machine runs slower)", "",
              "| module | mutants | killed | timeout | survived | not covered | score |", "|---|---|---|---|---|---|---|"]
     for module, v in summary["modules"].items():
         total = v[KILLED] + v[TIMEOUT] + v[SURVIVED] + v[NOT_COVERED]
