@@ -34,8 +34,9 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 from mutants import Mutant, generate, mutated_code  # noqa: E402
 
-KILLED, SURVIVED, NOT_COVERED, TIMEOUT, EQUIVALENT, NOT_RUN = (
-    "killed", "survived", "not covered", "timeout", "equivalent", "not run")
+KILLED, SURVIVED, NOT_COVERED, TIMEOUT, EQUIVALENT, NOT_RUN, ERROR = (
+    "killed", "survived", "not covered", "timeout", "equivalent", "not run", "error")
+PATCH_FAILED = 4  # exit code of a child that could not apply its mutant (not a kill)
 
 
 def load_config(path: Path) -> dict:
@@ -110,7 +111,7 @@ def _in_child(work, session, quiet: bool = True) -> int:
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
         code = work()
-    except BaseException:  # noqa: BLE001 - a mutant that breaks the machinery counts as killed (exit code 3)
+    except BaseException:  # noqa: BLE001 - an exception escaping pytest (exit code 3) ends the child
         if not quiet:
             import traceback
 
@@ -194,7 +195,8 @@ class MutationSession:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid:
                 mutant, _ = running.pop(pid)
-                self.status[mutant.name] = SURVIVED if os.waitstatus_to_exitcode(status) == 0 else KILLED
+                code = os.waitstatus_to_exitcode(status)
+                self.status[mutant.name] = SURVIVED if code == 0 else ERROR if code == PATCH_FAILED else KILLED
                 finished.append(mutant)
             else:
                 time.sleep(0.01)
@@ -223,7 +225,10 @@ class MutationSession:
 
 
 def _mutant_exit_code(mutant: Mutant, items) -> int:
-    _live_function(mutant).__code__ = mutated_code(ROOT, mutant)
+    try:
+        _live_function(mutant).__code__ = mutated_code(ROOT, mutant)
+    except Exception:  # noqa: BLE001 - reported as an error of the runner, never as a kill
+        return PATCH_FAILED
     return 0 if _run_items(items)[0] else 1
 
 
@@ -239,7 +244,7 @@ def summarize(config: dict, mutants: dict[str, list[Mutant]], status: dict[str, 
               workers: int) -> dict:
     per_module = {}
     for module, items in mutants.items():
-        counts = {s: 0 for s in (KILLED, TIMEOUT, SURVIVED, NOT_COVERED, EQUIVALENT, NOT_RUN)}
+        counts = {s: 0 for s in (KILLED, TIMEOUT, SURVIVED, NOT_COVERED, EQUIVALENT, NOT_RUN, ERROR)}
         for m in items:
             counts[status.get(m.name, NOT_RUN)] += 1
         judged = counts[KILLED] + counts[TIMEOUT] + counts[SURVIVED] + counts[NOT_COVERED]
@@ -248,10 +253,11 @@ def summarize(config: dict, mutants: dict[str, list[Mutant]], status: dict[str, 
     killed = sum(v[KILLED] + v[TIMEOUT] for v in per_module.values())
     judged = killed + sum(v[SURVIVED] + v[NOT_COVERED] for v in per_module.values())
     survivors = [{"mutant": m.name, "status": status[m.name], "line": m.lineno}
-                 for items in mutants.values() for m in items if status.get(m.name) in (SURVIVED, NOT_COVERED)]
+                 for items in mutants.values() for m in items if status.get(m.name) in (SURVIVED, NOT_COVERED, ERROR)]
     return {
         "score": round(killed / judged, 4) if judged else None, "killed": killed, "judged": judged,
-        "not_run": sum(v[NOT_RUN] for v in per_module.values()), "threshold": config["threshold"],
+        "not_run": sum(v[NOT_RUN] for v in per_module.values()), "errors": sum(v[ERROR] for v in per_module.values()),
+        "threshold": config["threshold"],
         "seconds": round(seconds, 1), "workers": workers, "modules": per_module, "survivors": survivors,
         "equivalent": [e for e in config.get("equivalent", []) if e["mutant"].split("::")[0] in mutants],
         "known_survivors": config.get("known_survivor", []),
@@ -273,7 +279,8 @@ def markdown(summary: dict, command: str) -> str:
     m = summary["machine"]
     lines = ["# Mutation testing", "", f"- Command: `{command}`",
              f"- Score: **{summary['score']:.1%}** of {summary['judged']} mutants killed (threshold "
-             f"{summary['threshold']:.0%}); {summary['not_run']} not run within the budget; "
+             f"{summary['threshold']:.0%}); {summary['not_run']} not run within the budget; {summary['errors']} could "
+             "not be applied (runner errors, not counted); "
              f"{len(summary['equivalent'])} equivalent mutants left out (config.toml gives the reasons)",
              f"- Run time: {summary['seconds']:.0f} s with {summary['workers']} worker(s), {m['cpu_seconds']:.0f} CPU "
              f"seconds in all; machine: {m['cpus']} CPUs, load average {m['load_average_1min_at_end']} at the end "
@@ -338,6 +345,8 @@ def main() -> None:
     if args.write:
         (HERE / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         (HERE / "results.md").write_text(markdown(summary, "python tests/mutation/run.py --write"), encoding="utf-8")
+    if summary["errors"]:
+        print(f"{summary['errors']} mutants could not be applied: see the survivors list (status 'error')")
     if summary["score"] is None or summary["score"] < config["threshold"]:
         print(f"FAIL: mutation score {summary['score']} is below the threshold {config['threshold']}")
         sys.exit(1)
