@@ -224,3 +224,21 @@ def _find_code(code: CodeType, qualname: str) -> CodeType | None:
             if inner is not None:
                 return inner
     return None
+
+
+def patched_code(root: Path, relpath: str, function: str, old: str, new: str) -> CodeType:
+    """The code object of `function` with the text `old` (found exactly once in it) replaced by `new`."""
+    source = (root / relpath).read_text(encoding="utf-8")
+    node = next((fn for name, _, fn in _functions(ast.parse(source)) if name == function), None)
+    if node is None:
+        raise ValueError(f"{relpath} has no function {function}")
+    lines = source.splitlines(keepends=True)
+    start, end = sum(map(len, lines[:node.lineno - 1])), sum(map(len, lines[:node.end_lineno]))
+    body = source[start:end]
+    if body.count(old) != 1:
+        raise ValueError(f"{relpath}::{function} contains {old!r} {body.count(old)} times, not once")
+    code = compile(source[:start] + body.replace(old, new) + source[end:], str(root / relpath), "exec",
+                   dont_inherit=True)
+    found = _find_code(code, function)
+    assert found is not None, f"compiled module has no function {function}"
+    return found

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from mutants import Mutant, generate, mutated_code  # noqa: E402
+from mutants import Mutant, generate, mutated_code, patched_code  # noqa: E402
 
 KILLED, SURVIVED, NOT_COVERED, TIMEOUT, EQUIVALENT, NOT_RUN, ERROR = (
     "killed", "survived", "not covered", "timeout", "equivalent", "not run", "error")
@@ -41,6 +41,7 @@ PATCH_FAILED = 4  # exit code of a child that could not apply its mutant (not a 
 
 def load_config(path: Path) -> dict:
     config = tomllib.loads(path.read_text(encoding="utf-8"))
+    config.setdefault("modules", {})
     for module, entry in config["modules"].items():
         if not (ROOT / module).is_file():
             raise SystemExit(f"config.toml names {module}, which does not exist")
@@ -48,6 +49,14 @@ def load_config(path: Path) -> dict:
             if not (ROOT / test.split("::")[0]).is_file():
                 raise SystemExit(f"config.toml maps {module} to {test}, which does not exist")
     return config
+
+
+def unmapped(config: dict) -> list[str]:
+    """Python files under the config's `watch` folders that are neither mutated nor listed in `not_mutated`: a module
+    added later is reported (and shown in results.md) until someone maps it to its tests, never an error."""
+    known = set(config["modules"]) | set(config.get("not_mutated", {}))
+    found = {str(p.relative_to(ROOT)) for folder in config.get("watch", []) for p in (ROOT / folder).rglob("*.py")}
+    return sorted(found - known)
 
 
 def _live_function(mutant: Mutant):
@@ -126,17 +135,19 @@ class MutationSession:
     """A pytest plugin: collects the mapped tests, then runs the mutants instead of the tests."""
 
     def __init__(self, config: dict, modules: dict, mutants: dict[str, list[Mutant]], budget: float, workers: int,
-                 verbose: bool, show: bool):
+                 verbose: bool, show: bool, bugs: list[dict]):
         self.config, self.modules, self.mutants = config, modules, mutants
         self.budget, self.workers, self.verbose, self.show = budget, workers, verbose, show
         self.status: dict[str, str] = {}
+        self.bugs = bugs
+        self.bug_status: dict[str, str | None] = {}
         self.started = time.monotonic()
 
     def pytest_runtestloop(self, session):
         self.session = session
         items = {m: [i for test in e["tests"] for i in session.items if _selected(i.nodeid, test)]
                  for m, e in self.modules.items()}
-        for module, entry in self.modules.items():
+        for module, entry in [*self.modules.items(), *((b["module"], b) for b in self.bugs)]:
             for test in entry["tests"]:
                 if not any(_selected(i.nodeid, test) for i in session.items):
                     raise SystemExit(f"config.toml maps {module} to {test}, which collects no test (renamed, or "
@@ -161,7 +172,35 @@ class MutationSession:
                     group.append((m, items[module], timeout))
             groups.append(group)
         self.run(_interleave(groups))
+        if self.bugs:  # their tests must pass without the bug, so that a failure is the bug's doing
+            unpatched = self.run_bug(None, [i for i in session.items if any(_selected(i.nodeid, t) for b in self.bugs
+                                                                               for t in b["tests"])])
+            if unpatched:
+                raise SystemExit(f"the tests of the named bugs fail without any bug: {unpatched}")
+        for bug in self.bugs:
+            self.bug_status[bug["row"]] = self.run_bug(bug, [i for t in bug["tests"] for i in session.items
+                                                             if _selected(i.nodeid, t)])
+            print(f"bug {'caught by ' + self.bug_status[bug['row']] if self.bug_status[bug['row']] else 'MISSED'}: "
+                  f"{bug['row']}", flush=True)
         return True
+
+    def run_bug(self, bug: dict | None, items) -> str | None:
+        """Re-introduce a named bug (config [[bug]]; None: no bug) in a child and run its tests: the test that fails
+        first, or None when all pass (the bug is missed)."""
+        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+            def work() -> int:
+                if bug is not None:
+                    _live_function(Mutant(bug["module"], bug["function"], "", "", 0, 0, (), 0)).__code__ = \
+                        patched_code(ROOT, bug["module"], bug["function"], bug["old"], bug["new"])
+                ok, failure = _run_items(items)
+                Path(out.name).write_text(json.dumps({"caught_by": None if ok else failure.split("\n")[0]}))
+                return 0
+
+            os.waitpid(_in_child(work, self.session), 0)
+            text = Path(out.name).read_text()
+        if not text:
+            raise SystemExit(f"the bug {bug['row'] if bug else None!r} could not be run (see config.toml [[bug]])")
+        return json.loads(text)["caught_by"]
 
     def baseline(self, module: str, items) -> tuple[float, set[int]]:
         """Run the module's tests unmutated, traced: they must pass. Their duration and the module's executed lines."""
@@ -241,7 +280,7 @@ def _interleave(groups: list[list]) -> list:
 
 
 def summarize(config: dict, mutants: dict[str, list[Mutant]], status: dict[str, str], seconds: float,
-              workers: int) -> dict:
+              workers: int, bugs: dict[str, str | None] | None = None) -> dict:
     per_module = {}
     for module, items in mutants.items():
         counts = {s: 0 for s in (KILLED, TIMEOUT, SURVIVED, NOT_COVERED, EQUIVALENT, NOT_RUN, ERROR)}
@@ -261,6 +300,8 @@ def summarize(config: dict, mutants: dict[str, list[Mutant]], status: dict[str, 
         "seconds": round(seconds, 1), "workers": workers, "modules": per_module, "survivors": survivors,
         "equivalent": [e for e in config.get("equivalent", []) if e["mutant"].split("::")[0] in mutants],
         "known_survivors": config.get("known_survivor", []),
+        "unmapped": unmapped(config),
+        "bugs": [{"bug": row, "caught_by": test} for row, test in (bugs or {}).items()],
         "machine": _machine(),
     }
 
@@ -295,6 +336,16 @@ def markdown(summary: dict, command: str) -> str:
     lines += ["", "## Survivors", ""]
     lines += [f"- {s['status']}: `{s['mutant']}`" + (f" ({notes[s['mutant']]})" if s["mutant"] in notes else "")
               for s in summary["survivors"]] or ["none"]
+    if summary.get("bugs"):
+        lines += ["", "## Named bugs re-introduced (issue 17's table; `[[bug]]` in config.toml)", "",
+                  "| bug | caught by (first failing test) |", "|---|---|"]
+        lines += [f"| {b['bug']} | " + (f"`{b['caught_by']}`" if b["caught_by"] else "**MISSED**") + " |"
+                  for b in summary["bugs"]]
+    if summary.get("unmapped"):
+        lines += ["", "## Not mutated yet", "",
+                  "Modules under a watched folder (`watch` in config.toml) that no entry maps to tests: add each under "
+                  "`[modules]` with the fast tests that cover it.", ""]
+        lines += [f"- `{m}`" for m in summary["unmapped"]]
     lines += ["", "## Equivalent mutants (left out of the score)", ""]
     lines += [f"- `{e['mutant']}`: {e['reason']}" for e in summary["equivalent"]] or ["none"]
     return "\n".join(lines) + "\n"
@@ -307,19 +358,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="parallel children (default: config workers or CPU count)")
     parser.add_argument("--modules", help="comma-separated subset of the config's modules")
     parser.add_argument("--mutant", help="run only mutants whose name contains this text, showing what kills them")
+    parser.add_argument("--bugs", action="store_true", help="only re-introduce the named bugs ([[bug]] in config)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--write", action="store_true", help="write results.json and results.md next to this file")
     parser.add_argument("--verbose", action="store_true", help="print every mutant's fate as it comes")
     args = parser.parse_args()
     started = time.monotonic()
     config = load_config(args.config)
-    modules = {m: e for m, e in config["modules"].items() if not args.modules or m in args.modules.split(",")}
+    modules = {m: e for m, e in config["modules"].items()
+               if not args.bugs and (not args.modules or m in args.modules.split(","))}
     mutants = {m: generate(ROOT, m, set(e.get("skip", []))) for m, e in modules.items()}
     if args.mutant:
         mutants = {m: [x for x in items if args.mutant in x.name] for m, items in mutants.items()}
         modules = {m: e for m, e in modules.items() if mutants[m]}
         mutants = {m: items for m, items in mutants.items() if items}
-    if args.list or not modules:
+    bugs = config.get("bug", []) if not (args.modules or args.mutant or args.list) else []
+    if args.list or not (modules or bugs):
         print("\n".join(m.name for items in mutants.values() for m in items) or "no such mutant")
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -329,14 +383,19 @@ def main() -> None:
     torch.set_num_threads(1)  # one thread per child: the children run in parallel
     workers = args.workers or config.get("workers") or os.cpu_count()
     budget = args.budget if args.budget is not None else config["budget_seconds"]
-    plugin = MutationSession(config, modules, mutants, budget, workers, args.verbose, show=bool(args.mutant))
-    tests = sorted({t for e in modules.values() for t in e["tests"]})
+    plugin = MutationSession(config, modules, mutants, budget, workers, args.verbose, show=bool(args.mutant),
+                             bugs=bugs)
+    tests = sorted({t for e in [*modules.values(), *plugin.bugs] for t in e["tests"]})
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         code = pytest.main([*tests, "-q", "-p", "no:cacheprovider", f"--basetemp={tmp}", "--rootdir", str(ROOT),
                             "-c", str(ROOT / "pytest.ini")], plugins=[plugin])
     if code not in (0, 5) or args.mutant:
         sys.exit(0 if args.mutant else code)
-    summary = summarize(config, mutants, plugin.status, time.monotonic() - started, workers)
+    missed = [row for row, test in plugin.bug_status.items() if not test]
+    if args.bugs:
+        print(f"{len(plugin.bug_status) - len(missed)} of {len(plugin.bug_status)} named bugs caught")
+        sys.exit(1 if missed else 0)
+    summary = summarize(config, mutants, plugin.status, time.monotonic() - started, workers, plugin.bug_status)
     print(markdown(summary, "python tests/mutation/run.py"))
     named = {e["mutant"] for e in config.get("equivalent", []) + config.get("known_survivor", [])}
     gone = named - {m.name for items in mutants.values() for m in items}
@@ -345,8 +404,13 @@ def main() -> None:
     if args.write:
         (HERE / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         (HERE / "results.md").write_text(markdown(summary, "python tests/mutation/run.py --write"), encoding="utf-8")
+    if summary["unmapped"] and not args.modules:
+        print("not mutated yet (add them to config.toml with their tests): " + ", ".join(summary["unmapped"]))
     if summary["errors"]:
         print(f"{summary['errors']} mutants could not be applied: see the survivors list (status 'error')")
+    if missed:
+        print("FAIL: named bugs no test catches any more:\n  " + "\n  ".join(missed))
+        sys.exit(1)
     if summary["score"] is None or summary["score"] < config["threshold"]:
         print(f"FAIL: mutation score {summary['score']} is below the threshold {config['threshold']}")
         sys.exit(1)
