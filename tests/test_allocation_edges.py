@@ -37,3 +37,12 @@ def test_the_smallest_budgets():
 def test_the_smallest_valid_targets():
     assert core.Target(width=1).width == 1 and core.Target(expansion_rate=1e-3).expansion_rate == 1e-3
     assert core.Target(target_params=1).target_params == 1
+
+
+@pytest.mark.parametrize("protect", [{"protect_first": 1}, {"protect_last": 1}, {"protect_first": 1, "protect_last": 1}])
+def test_explicit_ratios_refuse_any_protected_layer(protect):
+    """Per-layer ratios already say which layers are pruned: protecting the first or the last layers as well (either
+    one alone) is refused rather than silently ignored."""
+    with pytest.raises(InvalidTargetError, match="not both"):
+        core.LayerSelection(ratios=(0.1, 0.2, 0.3), **protect)
+    assert core.LayerSelection(ratios=(0.0, 0.2, 0.0)).layer_ratios(3, 0.5) == [0.0, 0.2, 0.0]

@@ -18,8 +18,10 @@ import core
 from conftest import TOKENIZER_DIR, tiny_model
 from core import CalibrationConfig, LayerSelection, Recipe, Target
 from core.architectures import spec_for_config
+from core.errors import CalibrationError
 from core.layer_config import layer_shapes
 from core.layers import decoder_layers
+from core.methods import METHODS
 
 CALIB = CalibrationConfig(n_samples=4, seq_len=32)
 M, DH, HEADS, KV, LAYERS = 96, 16, 4, 2, 4  # the tiny Llama of conftest: 4 query heads in 2 KV groups
@@ -308,3 +310,20 @@ def test_slimllm_nonuniform_ratios_prune_the_most_similar_unprotected_layers(tok
     for i in range(LAYERS):
         assert bool(removed[i]) == (i in expected), f"layer {i}"
         assert set(removed[i]) <= set(planted[i])
+
+
+@pytest.mark.parametrize("method, score, needs", [
+    ("mlp_width", None, False), ("mlp_width", "maw", False), ("mlp_width", "maw_range", False),
+    ("mlp_width", "activation", True), ("attention_heads", None, False), ("attention_heads", "activation", True),
+    ("depth", None, True)])
+def test_a_method_asks_for_calibration_data_only_when_its_score_reads_activations(method, score, needs):
+    """Weight scores are computed from the checkpoint alone: no calibration text is read (nor its file checked)."""
+    recipe = Recipe(method=method, score=score, target=Target(ratio=0.25),
+                    calibration=CalibrationConfig(source="no/such/calibration.txt"))
+    chosen = METHODS.get(method)
+    assert chosen.needs_data(recipe) is needs
+    if not needs:
+        chosen.validate(recipe)  # the missing file does not matter
+    else:
+        with pytest.raises(CalibrationError, match="does not exist"):
+            chosen.validate(recipe)

@@ -396,14 +396,15 @@ def main() -> None:
         print(f"{len(plugin.bug_status) - len(missed)} of {len(plugin.bug_status)} named bugs caught")
         sys.exit(1 if missed else 0)
     summary = summarize(config, mutants, plugin.status, time.monotonic() - started, workers, plugin.bug_status)
-    print(markdown(summary, "python tests/mutation/run.py"))
+    command = " ".join(["python tests/mutation/run.py", *sys.argv[1:]])
+    print(markdown(summary, command))
     named = {e["mutant"] for e in config.get("equivalent", []) + config.get("known_survivor", [])}
     gone = named - {m.name for items in mutants.values() for m in items}
     if gone and not args.modules:
         print("config.toml names mutants that no longer exist (update it):\n  " + "\n  ".join(sorted(gone)))
     if args.write:
         (HERE / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        (HERE / "results.md").write_text(markdown(summary, "python tests/mutation/run.py --write"), encoding="utf-8")
+        (HERE / "results.md").write_text(markdown(summary, command), encoding="utf-8")
     if summary["unmapped"] and not args.modules:
         print("not mutated yet (add them to config.toml with their tests): " + ", ".join(summary["unmapped"]))
     if summary["errors"]:
