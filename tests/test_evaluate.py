@@ -70,8 +70,9 @@ def test_eval_cli_compares_two_models(tiny_dir, tmp_path):
     got = [(r["parameters"], r["perplexity"]["perplexity"]) for r in results]
     assert got == [(n, pytest.approx(p, rel=1e-5)) for n, p in expected]
     assert expected[1][0] < expected[0][0] and expected[1][1] != pytest.approx(expected[0][1])
-    assert payload["ratios"]["parameters"] == pytest.approx(expected[1][0] / expected[0][0])
-    assert payload["ratios"]["perplexity"] == pytest.approx(expected[1][1] / expected[0][1], rel=1e-5)
+    # MODEL over REF: the first model's numbers divided by the second's (the reference)
+    assert payload["ratios"]["parameters"] == pytest.approx(expected[0][0] / expected[1][0])
+    assert payload["ratios"]["perplexity"] == pytest.approx(expected[0][1] / expected[1][1], rel=1e-5)
 
 
 def test_speed_measurement_reports_prefill_decode_and_memory():
