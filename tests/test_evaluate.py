@@ -46,17 +46,33 @@ def test_overlapping_windows_batching_does_not_change_the_result():
 
 
 def test_eval_cli_compares_two_models(tiny_dir, tmp_path):
-    src = tiny_dir("llama")
-    text = tmp_path / "eval.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    out = subprocess.run([sys.executable, "-m", "core", "eval", str(src), "--compare", str(src), "--ppl", str(text),
-                          "--max-length", "64", "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
+    """A base and its pruned version side by side: each column is that model's own numbers, the ratios divide them."""
     import json
 
-    results = json.loads(out.stdout)["results"]
-    assert len(results) == 2
-    assert results[0]["perplexity"] == results[1]["perplexity"]
-    assert results[0]["parameters"] == sum(p.numel() for p in tiny_model("llama").parameters())
+    import core
+    from core.evaluate import perplexity_of_file
+
+    src = tiny_dir("llama")
+    pruned = core.save_pruned(core.run_recipe(core.Recipe(model=str(src), method="maw", target=core.Target(ratio=0.5))),
+                              tmp_path / "pruned")
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = subprocess.run([sys.executable, "-m", "core", "eval", str(src), "--compare", str(pruned), "--ppl", str(text),
+                          "--max-length", "64", "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
+    payload = json.loads(out.stdout)
+    results = payload["results"]
+    assert [r["model"] for r in results] == [str(src), str(pruned)]
+    expected = []
+    for folder in (src, pruned):
+        model, tokenizer = core.load_model(str(folder), core.LoadOptions(device="cpu"))
+        ppl = perplexity_of_file(model, tokenizer, text, max_length=64).perplexity
+        expected.append((sum(p.numel() for p in model.parameters()), ppl))
+    got = [(r["parameters"], r["perplexity"]["perplexity"]) for r in results]
+    assert got == [(n, pytest.approx(p, rel=1e-5)) for n, p in expected]
+    assert expected[1][0] < expected[0][0] and expected[1][1] != pytest.approx(expected[0][1])
+    # MODEL over REF: the first model's numbers divided by the second's (the reference)
+    assert payload["ratios"]["parameters"] == pytest.approx(expected[0][0] / expected[1][0])
+    assert payload["ratios"]["perplexity"] == pytest.approx(expected[0][1] / expected[1][1], rel=1e-5)
 
 
 def test_speed_measurement_reports_prefill_decode_and_memory():

@@ -36,6 +36,9 @@ pytest.importorskip("uvicorn")
 WRITE, READ, BOB = "hf_alice_write", "hf_alice_read", "hf_bob_write"
 FAST = dict(eval_tokens=256, eval_length=128, speed_prompt_tokens=16, speed_new_tokens=4, speed_repeats=1,
             generation_tokens=6)
+# parameters of conftest's tiny Llama: embeddings 4096 x 64 (tied) + 4 layers x (q, k, v, o: 64 x (64 + 32 + 32 + 64)
+# + gate, up, down: 3 x 64 x 96 + two norms of 64) + the final norm of 64
+TINY_PARAMS = 4096 * 64 + 4 * (64 * 192 + 3 * 64 * 96 + 2 * 64) + 64  # 385,600
 
 
 # -------------------------------------------------------------------- fixtures
@@ -187,7 +190,7 @@ def test_unsupported_or_missing_local_models(tmp_path, settings):
 
 def test_default_model_summary(settings):
     text = handlers.check_model("", settings)
-    assert "tiny default" in text and "4 layers" in text and "385,600 parameters" in text
+    assert "tiny default" in text and "4 layers" in text and f"{TINY_PARAMS:,} parameters" in text
     assert "a prune needs about" in text and "MiB of RAM streamed (float32, one block of" in text  # before it starts
 
 
@@ -195,7 +198,7 @@ def test_default_model_summary(settings):
 def test_job_result(finished, settings, tiny_folder):
     store, res, events = finished
     ev = res.evidence.comparison
-    assert ev.base.params == 385_600 and ev.pruned.params < ev.base.params
+    assert ev.base.params == TINY_PARAMS and ev.pruned.params < ev.base.params
     assert ev.base.perplexity > 1 and ev.pruned.perplexity > 1 and ev.pruned.eval_tokens > 200
     assert set(ev.speed["metrics"]) == {"prefill", "decode_b1"}  # speed-ups enter ratios only when measurable
     assert res.evidence.generations[0] and res.evidence.generations[1] is not None
@@ -219,7 +222,7 @@ def test_job_result(finished, settings, tiny_folder):
         names = zf.namelist()
     assert f"{res.zip_path.stem}/model.safetensors" in names and f"{res.zip_path.stem}/pruning_recipe.yaml" in names
     summary = handlers.summary_markdown(res)
-    assert "| perplexity |" in summary and "385,600" in summary
+    assert "| perplexity |" in summary and f"{TINY_PARAMS:,}" in summary
     assert "| speed | base | pruned | change |" in summary and "prefill latency (ms)" in summary
     assert "Speed not measured" not in summary
     html = handlers.chart_markdown(res)
@@ -289,7 +292,7 @@ def test_no_op_targets_are_refused_before_any_work(settings, store):
     assert kind == "error" and "removes nothing" in message
     assert [e[0] for e in events] == ["error"] and len(jobs) == 0  # not even queued
     kind, message, events = run(forms.Form(target_kind="target_params", target_value="1M"), settings, store, jobs)
-    assert kind == "error" and "has 385,600 parameters, so keeping 1.00M removes nothing" in message
+    assert kind == "error" and f"has {TINY_PARAMS:,} parameters, so keeping 1.00M removes nothing" in message
     assert not any(e[0] == "log" and "loaded" in e[1] for e in events)  # refused from the config, before loading
     assert list(store.root.iterdir()) == []
 
@@ -545,7 +548,7 @@ def hub_repos(local_hub, tiny_folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("repo, token, expected", [
-    ("alice/tiny-base", None, "385,600 parameters"),
+    ("alice/tiny-base", None, f"{TINY_PARAMS:,} parameters"),
     ("alice/tiny-lora", None, "holds only an adapter (adapter_config.json) on top of `alice/tiny-base`"),
     ("alice/bert", None, "Unsupported model: Model type 'bert' is not supported"),
     ("alice/pickled", None, "has no safetensors weights"),

@@ -2,10 +2,12 @@
 are zero changes nothing; the config and the KV cache stay consistent."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import logits, tiny_model
 from core.architectures import spec_for_config
+from core.errors import InvalidTargetError
 from core.layer_config import head_dim, layer_shapes
 from core.layers import decoder_layers
 from core.surgery import LayerPlan, prune_layer, remove_layers
@@ -104,3 +106,58 @@ def test_skipping_a_zero_output_mlp_is_identity(family, tokens):
     ref = logits(model, tokens)
     prune_layer(model, spec, 3, LayerPlan(skip={"mlp"}))
     torch.testing.assert_close(logits(model, tokens), ref, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ error paths
+
+def _unchanged(model, before: dict, config_before: dict) -> None:
+    """A refused plan leaves the model as it was: same weights, same config."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert model.config.to_dict() == config_before
+
+
+@pytest.mark.parametrize("plan,message", [
+    (LayerPlan(heads=[0, 1, 2], kv_heads=[0, 1]), "same number of query heads"),  # 2 + 1: uneven GQA groups
+    (LayerPlan(heads=[0, 2], kv_heads=[0]), "query head 2 kept but its KV head 1 removed"),
+    (LayerPlan(heads=[], kv_heads=[0]), "every attention head"),
+    (LayerPlan(heads=[0, 1], kv_heads=[]), "every attention head"),
+    (LayerPlan(mlp=[]), "every MLP neuron"),
+])
+def test_surgery_refuses_impossible_plans_and_changes_nothing(plan, message):
+    model = tiny_model("llama")  # 4 query heads in 2 KV groups of 2
+    spec = spec_for_config(model.config)
+    before, config_before = {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict()
+    with pytest.raises(InvalidTargetError, match=message) as err:
+        prune_layer(model, spec, 1, plan)
+    assert "Layer 1" in str(err.value)
+    _unchanged(model, before, config_before)
+
+
+@pytest.mark.parametrize("remove,message", [([0, 1, 2, 3], "every decoder block"), ([1, 4], r"\[4\] do not exist")])
+def test_block_removal_refuses_to_remove_every_block_or_unknown_ones(remove, message):
+    model = tiny_model("llama")
+    spec = spec_for_config(model.config)
+    before, config_before = {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict()
+    with pytest.raises(InvalidTargetError, match=message):
+        remove_layers(model, spec, remove)
+    _unchanged(model, before, config_before)
+    remove_layers(model, spec, [])  # nothing to remove: nothing changes
+    _unchanged(model, before, config_before)
+
+
+def test_methods_refuse_targets_that_remove_every_unit(tiny_dir):
+    import core
+
+    src = tiny_dir("llama")
+    cases = [
+        (dict(method="depth", target=core.Target(ratio=0.99)), "removes every block"),
+        (dict(method="attention_heads", target=core.Target(ratio=0.9)), "remove all of them"),
+        (dict(method="mlp_width", score="maw", target=core.Target(ratio=0.999)), "remove all of them"),
+        (dict(method="depth", target=core.Target(ratio=0.5), options={"layers": [0, 1, 2, 3]}), "every decoder block"),
+    ]
+    for recipe, message in cases:
+        with pytest.raises(InvalidTargetError, match=message):
+            core.run_recipe(core.Recipe(model=str(src), calibration=core.CalibrationConfig(n_samples=2, seq_len=16),
+                                        **recipe))
