@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from .card import base_license, model_card
-from .errors import OutputExistsError
+from .card import base_license, model_card, sparsity_section, stage_names
+from .errors import OutputExistsError, RecipeError
 from .prune import PruneResult
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,11 @@ logger = logging.getLogger(__name__)
 RECIPE_FILE = "pruning_recipe.yaml"
 
 
-def load_snippet(result: PruneResult, repo: str) -> str:
+def load_snippet(result: PruneResult, repo: str, sparse_format: str = "dense") -> str:
+    if sparse_format == "compressed":
+        return ("# compressed sparse weights: transformers 5 no longer decompresses this compressed-tensors format\n"
+                "import core\n"
+                f"model = core.load_pruned({repo!r})")
     if result.uniform:
         return ("from transformers import AutoModelForCausalLM\n"
                 f"model = AutoModelForCausalLM.from_pretrained({repo!r})")
@@ -45,14 +49,19 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool = False,
-                max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None) -> Path:
-    """Write the pruned model to `out_dir` atomically. Returns the final path."""
+                max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None,
+                sparse_format: str = "dense") -> Path:
+    """Write the pruned model to `out_dir` atomically. Returns the final path.
+
+    sparse_format: 'dense' (zeros stored as such) or 'compressed' (compressed-tensors bitmask formats for the
+    linears that hold zeros; see core.sparse_format)."""
+    check_sparse_format(result.recipe, sparse_format)
     out = check_output(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the final folder; mkdir honours the umask
     try:
-        _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {})
+        _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {}, sparse_format)
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, trash)
@@ -86,18 +95,39 @@ def _save_weights(model, folder: Path, max_shard_size: str) -> None:
         model.config.dtype = originals[0].dtype
 
 
-def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict) -> None:
+def check_sparse_format(recipe, sparse_format: str) -> None:
+    """Raise unless `sparse_format` is known and, when compressed, the recipe has a sparsity stage."""
+    from .sparse_format import COMPRESSED, FORMATS
+
+    if sparse_format not in FORMATS:
+        raise RecipeError(f"Unknown sparse format {sparse_format!r}; use one of {', '.join(FORMATS)}.")
+    if sparse_format == COMPRESSED and not any(s.method == "sparsity" for s in recipe.stages()):
+        raise RecipeError("Only a recipe with a sparsity stage leaves zeros to compress; drop --compressed.")
+
+
+def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict,
+           sparse_format: str = "dense") -> None:
     model = result.model
     _save_weights(model, folder, max_shard_size)
+    if sparse_format == "compressed":
+        from .sparse_format import write_compressed
+
+        write_compressed(model, result.spec, folder)
     if result.tokenizer is not None:
         result.tokenizer.save_pretrained(folder)
     doc = recipe_document(result)
     recipe_yaml = yaml.safe_dump(doc, sort_keys=False)
     (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     summary = dict(doc["result"], method=result.recipe.method, score=result.recipe.score,
-                   license=base_license(result.base_model, result.base_revision))
+                   license=base_license(result.base_model, result.base_revision), stages=stage_names(result.recipe))
     card = model_card(summary, yaml.safe_dump(result.recipe.to_dict(), sort_keys=False), repo_name,
-                      load_snippet(result, repo_name))
+                      load_snippet(result, repo_name, sparse_format))
+    if "sparsity" in doc["result"]:
+        from .sparse_format import folder_report
+
+        card.text = card.text.rstrip() + "\n\n" + sparsity_section(doc["result"]["sparsity"], result.recipe,
+                                                                   folder_report(folder, count_dense_zeros=False),
+                                                                   sparse_format)
     card.save(folder / "README.md")
     for name, content in extra_files.items():
         (folder / name).write_text(content, encoding="utf-8")

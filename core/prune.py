@@ -17,14 +17,26 @@ from .methods import METHODS, PruneContext
 from .model_io import LoadOptions, load_model, resolve_model_name
 from .params import count_parameters
 from .progress import Progress, ProgressCallback
-from .recipe import Recipe
+from .recipe import STAGE_FIELDS, Recipe, Stage
 from .scores import MLP_SCORES
 
 logger = logging.getLogger(__name__)
 
 
 def normalize(recipe: Recipe) -> Recipe:
-    """Resolve shorthands (`method: maw` means MLP width pruning scored by maw) and validate for the method."""
+    """Resolve shorthands (`method: maw` means MLP width pruning scored by maw) and validate every stage for its
+    method; a structured stage after an N:M sparsity stage (which would break its groups) is refused."""
+    stages = [_normalize_stage(stage) for stage in recipe.stages()]
+    for n, (before, after) in enumerate(zip(stages, stages[1:]), 2):
+        if before.method == "sparsity" and after.method != "sparsity" and \
+                ":" in str(before.options.get("pattern", "")):
+            raise RecipeError(f"Stage {n} ({after.method}) would slice the N:M groups that stage {n - 1} made. Put "
+                              "structured stages before the sparsity stage.")
+    first, rest = stages[0], stages[1:]
+    return first.replace(then=tuple(Stage(**{k: getattr(s, k) for k in STAGE_FIELDS}) for s in rest))
+
+
+def _normalize_stage(recipe: Recipe) -> Recipe:
     if recipe.method not in METHODS and recipe.method in MLP_SCORES:
         if recipe.score not in (None, recipe.method):
             raise RecipeError(f"Method {recipe.method!r} is shorthand for mlp_width with score {recipe.method!r}, "
@@ -86,6 +98,7 @@ class PruneResult:
             "prune_seconds": round(self.seconds, 3),
             "method_report": self.report,
             "layers": self.layers(),
+            **({"sparsity": self.extra["sparsity"]} if "sparsity" in self.extra else {}),
         }
 
 
@@ -104,30 +117,42 @@ def _hub_revision(name: str, revision: str | None) -> str | None:
 
 def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallback | None = None,
           bars: bool = False, base_model: str | None = None) -> PruneResult:
-    """Prune `model` in place according to `recipe`."""
+    """Prune `model` in place according to `recipe` (every stage, in order)."""
     recipe = normalize(recipe)
     spec = spec_for_config(model.config)
-    method = METHODS.get(recipe.method)
     if any(p.is_meta for p in model.parameters()):
         raise ModelLoadError("Some weights were offloaded to disk by the device map (they sit on 'meta'); pruning "
                              "needs every weight in CPU or GPU memory. Give the device map enough CPU memory "
                              "(max_memory) instead of disk offload.")
     prog = Progress(progress, bars)
-    ctx = PruneContext(model, tokenizer, spec, recipe, prog)
     before = count_parameters(model, spec)
+    stages = recipe.stages()
+    reports, calibration = [], None
     start = time.perf_counter()
     try:
-        report = method.run(ctx)
+        for stage in stages:
+            ctx = PruneContext(model, tokenizer, spec, stage, prog, calibration)
+            stage_before = count_parameters(model, spec)["total"]
+            report = METHODS.get(stage.method).run(ctx)
+            calibration = ctx._calibration if stage.calibration == recipe.calibration else None
+            _check_target(stage, stage_before, count_parameters(model, spec)["total"])
+            reports.append({"method": stage.method, "score": stage.score, "report": report})
     finally:
         prog.close()
     seconds = time.perf_counter() - start
-    _check_target(recipe, before["total"], count_parameters(model, spec)["total"])
     name = base_model or recipe.model or getattr(model.config, "_name_or_path", "") or "unknown"
+    needs_data = any(METHODS.get(s.method).needs_data(s) for s in stages)
+    extra = {}
+    if any(s.method == "sparsity" for s in stages):
+        from .sparse_format import measure_sparsity
+
+        extra["sparsity"] = measure_sparsity(model, spec)
     return PruneResult(
         model=model, tokenizer=tokenizer, recipe=recipe, spec=spec, params_before=before,
-        params_after=count_parameters(model, spec), report=report, seconds=seconds, base_model=name,
+        params_after=count_parameters(model, spec), report=reports[0]["report"] if len(reports) == 1 else
+        {"stages": reports}, seconds=seconds, base_model=name,
         base_revision=_hub_revision(name, recipe.revision) if name != "unknown" else None,
-        calibration=recipe.calibration.describe() if method.needs_data(recipe) else None,
+        calibration=recipe.calibration.describe() if needs_data else None, extra=extra,
     )
 
 

@@ -1,6 +1,9 @@
 """Statistics collected on one decoder layer during a calibration forward (hooks live only on that layer)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -21,6 +24,69 @@ class InputNorms:
 
     def norm(self, name: str) -> torch.Tensor:
         return self.sq[name].sqrt()
+
+
+class InputGram:
+    """Accumulates X^T X ([in, in], float32) over the calibration tokens of each watched Linear's input."""
+
+    def __init__(self) -> None:
+        self.gram: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, module: nn.Module, inputs: tuple, output) -> None:
+        x = inputs[0].detach().flatten(0, -2).float()
+        acc = x.T @ x
+        self.gram[name] = self.gram[name] + acc if name in self.gram else acc
+
+
+class TaylorSquares:
+    """On a decoder block: accumulates (w * dL/dw)^2 of the watched Linears' weights, with L = <r, f(x)> for random
+    Gaussian directions r over the block output f(x) (`probes` per batch). In expectation over r this is
+    sum over tokens and output features of (w * df/dw)^2: the squared first-order change of the block's output
+    when w is removed. Use as `collect(runner, i, {"block": (layer, stats)})` inside `with stats.watching(layer)`.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], probes: int = 8, seed: int = 0) -> None:
+        self.modules, self.probes = modules, probes
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sq: dict[str, torch.Tensor] = {}
+        self.samples = 0
+
+    @contextmanager
+    def watching(self, block: nn.Module) -> Iterator[None]:
+        """Gradients only for the watched weights; the block's forward runs with autograd on (calibration passes
+        run under no_grad, so a pre-hook switches it on and the forward hook switches it off again)."""
+        saved = [(p, p.requires_grad) for p in block.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(False)
+        for m in self.modules.values():
+            m.weight.requires_grad_(True)
+        handle = block.register_forward_pre_hook(lambda mod, args: torch.set_grad_enabled(True))
+        try:
+            yield
+        finally:
+            handle.remove()
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    def __call__(self, name: str, module: nn.Module, inputs: tuple, output):
+        out = _first(output)
+        weights = [m.weight for m in self.modules.values()]
+        try:
+            for k in range(self.probes):
+                r = torch.randn(out.shape, generator=self.gen).to(out)
+                grads = torch.autograd.grad((out * r).sum(), weights, retain_graph=k < self.probes - 1)
+                for key, w, g in zip(self.modules, weights, grads):
+                    term = (w.detach().float() * g.float()).pow(2)
+                    self.sq[key] = self.sq[key] + term if key in self.sq else term
+            self.samples += self.probes
+        finally:
+            torch.set_grad_enabled(False)
+        if isinstance(output, tuple):
+            return (out.detach(), *output[1:])
+        return out.detach()
+
+    def mean(self, key: str) -> torch.Tensor:
+        return self.sq[key] / max(self.samples, 1)
 
 
 class HeadContributions:

@@ -110,4 +110,4 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k].tolist())
 
 
-from . import depth, heads, slimllm, width  # noqa: E402,F401  (fill the registry)
+from . import depth, heads, slimllm, sparsity, width  # noqa: E402,F401  (fill the registry)
