@@ -321,7 +321,13 @@ def _evaluate(name: str | None, args: argparse.Namespace) -> dict:
         tasks = list(DEFAULT_TASKS) if args.tasks == "default" else [t for t in args.tasks.split(",") if t]
         result["lm_eval"] = run_tasks(model, tokenizer, tasks, args.task_dir, args.limit, args.batch_size)
     if args.speed:
-        result["speed"] = measure_speed(model, args.prompt_tokens, args.new_tokens, repeats=args.repeats)
+        from .semi_structured import sparse_kernel_speed
+
+        def measure(m):
+            return measure_speed(m, args.prompt_tokens, args.new_tokens, repeats=args.repeats)
+
+        result["speed"] = measure(model)
+        result["sparse_kernels"] = sparse_kernel_speed(model, measure)  # 2:4 linears on sparse kernels (GPU only)
     return result
 
 
@@ -354,6 +360,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             ratios.update(speed_ratios(a["speed"], b["speed"]))
         payload["ratios"] = ratios
         lines.append("2nd vs 1st: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    for r in results if args.speed else []:
+        sk = r["sparse_kernels"]
+        lines.append(f"2:4 kernels ({r['model'][-30:]}): " + (
+            f"{sk['converted']}/{sk['linears']} linears, speed-up " + ", ".join(
+                f"{k} {v:.3f}" for k, v in sk["speedup_median"].items()) if sk["converted"] else sk["note"]))
     _emit(args, payload, lines)
 
 
