@@ -60,7 +60,10 @@ class TaylorSquares:
             p.requires_grad_(False)
         for m in self.modules.values():
             m.weight.requires_grad_(True)
-        handle = block.register_forward_pre_hook(lambda mod, args: torch.set_grad_enabled(True))
+        def grad_on(mod, args) -> None:  # a pre-hook's return value would replace the block's inputs
+            torch.set_grad_enabled(True)
+
+        handle = block.register_forward_pre_hook(grad_on)
         try:
             yield
         finally:
