@@ -76,6 +76,12 @@ CASES = {
     # SlimLLM at fixed ratios of the prunable parameters (heads + MLP), next to the magnitude scores
     "slimllm_20": ("slimllm", None, {}, 0.2),
     "slimllm_50": ("slimllm", None, {}, 0.5),
+    # unstructured / 2:4 sparsity of every decoder linear (SparseGPT's Hessian inverse against Wanda's norms)
+    "sparsity_magnitude_24": ("sparsity", "magnitude", {"pattern": "2:4"}, 0.5),
+    "sparsity_wanda_24": ("sparsity", "wanda", {"pattern": "2:4"}, 0.5),
+    "sparsity_sparsegpt_24": ("sparsity", "sparsegpt", {"pattern": "2:4"}, 0.5),
+    "sparsity_wanda_50": ("sparsity", "wanda", {}, 0.5),
+    "sparsity_sparsegpt_50": ("sparsity", "sparsegpt", {}, 0.5),
 }
 
 MIB = 1024 ** 2

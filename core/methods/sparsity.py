@@ -76,13 +76,14 @@ def linear_groups(layer: nn.Module, spec, shape, which: str) -> list[tuple[str, 
     return groups
 
 
-def calibration_passes(groups, order: str) -> list[dict[str, nn.Module]]:
-    """'branch': one pass per branch (attention, then MLP); 'linear': one pass per group of a shared input."""
+def calibration_passes(groups, order: str) -> list[list[dict[str, nn.Module]]]:
+    """The groups calibrated together in one pass over the block: 'branch': one pass per branch (attention, then
+    MLP); 'linear': one pass per group of a shared input."""
     if order == "linear":
-        return [dict(g) for _, g in groups]
-    passes: dict[str, dict[str, nn.Module]] = {}
+        return [[g] for _, g in groups]
+    passes: dict[str, list[dict[str, nn.Module]]] = {}
     for branch, g in groups:
-        passes.setdefault(branch, {}).update(g)
+        passes.setdefault(branch, []).append(g)
     return list(passes.values())
 
 
@@ -182,16 +183,18 @@ class Sparsity(Method):
         threshold.finish()
         return threshold
 
-    def _collect(self, ctx, runner, i: int, layer: nn.Module, modules: dict[str, nn.Module], score, opts) -> dict:
-        """Calibration statistics of `modules` (one pass over block i): {path: LinearTensors fields}."""
-        if score.name in ("wanda",):
-            norms = InputNorms()
-            collect(runner, i, {p: (m, norms) for p, m in modules.items()})
-            return {p: {"input_norm": norms.norm(p)} for p in modules}
-        if score.name == "sparsegpt":
-            gram = InputGram()
-            collect(runner, i, {p: (m, gram) for p, m in modules.items()})
-            return {p: {"gram": gram.gram[p]} for p in modules}
+    def _collect(self, ctx, runner, i: int, layer: nn.Module, groups: list[dict[str, nn.Module]], score,
+                 opts) -> dict:
+        """Calibration statistics of the groups' linears (one pass over block i): {path: LinearTensors fields}.
+        Input statistics are collected once per group (its linears share their input)."""
+        modules = {p: m for g in groups for p, m in g.items()}
+        first = {p: next(iter(g)) for g in groups for p in g}
+        if score.name in ("wanda", "sparsegpt"):
+            stats = InputNorms() if score.name == "wanda" else InputGram()
+            collect(runner, i, {p: (m, stats) for g in groups for p, m in list(g.items())[:1]})
+            if score.name == "wanda":
+                return {p: {"input_norm": stats.norm(first[p])} for p in modules}
+            return {p: {"gram": stats.gram[first[p]]} for p in modules}
         if score.name == "taylor":
             stats = TaylorSquares(modules, opts.probes, ctx.layer_seed(i))
             with stats.watching(layer):
@@ -242,8 +245,10 @@ class Sparsity(Method):
             entry: dict = {"layer": i, "ratio": ratios[i], "linears": {}}
             layer = decoder_layers(model, spec)[i]
             groups = linear_groups(layer, spec, shapes[i], opts.linears)
-            for modules in calibration_passes(groups, opts.order):
-                stats = self._collect(ctx, runner, i, layer, modules, score, opts) if runner else {p: {} for p in modules}
+            for pass_groups in calibration_passes(groups, opts.order):
+                modules = {p: m for g in pass_groups for p, m in g.items()}
+                stats = self._collect(ctx, runner, i, layer, pass_groups, score, opts) if runner else \
+                    {p: {} for p in modules}
                 for k, (path, module) in enumerate(modules.items()):
                     self._prune_linear(module, score, stats[path], pattern, ratios[i], scope, opts, threshold,
                                        ctx.layer_seed(i) * 31 + k)
