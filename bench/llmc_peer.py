@@ -1,15 +1,13 @@
 """The peer row of bench/sparsity_curves.py: llm-compressor's own SparseGPT / Wanda on the reference model.
 
-llm-compressor 0.10.0.2 (the last release with sparsity modifiers) pins transformers <= 4.57 and torch <= 2.10,
-so it cannot sit next to our pins; it runs in its own virtual environment, on the system's torch 2.13 (installed
-without its torch pin):
+llm-compressor 0.14.0.1 pins transformers <= 5.17 (we pin 5.23), so it cannot sit next to our pins; it runs in its
+own virtual environment that reuses the system's torch 2.13 (within its pin) and gets its own transformers 5.17:
 
-    python -m venv --system-site-packages /work/venvs/llmc
-    /work/venvs/llmc/bin/pip install transformers==4.57.6 accelerate==1.12.0 datasets==4.6.0
-    /work/venvs/llmc/bin/pip install --no-deps llmcompressor==0.10.0.2 compressed-tensors==0.14.0.1 loguru==0.7.3
+    python -m venv --system-site-packages /work/venvs/llmc14
+    /work/venvs/llmc14/bin/pip install llmcompressor==0.14.0.1
 
 bench/sparsity_curves.py calls it as
-    /work/venvs/llmc/bin/python bench/llmc_peer.py MODEL CALIB_IDS.pt OUT --method sparsegpt --sparsity 0.5 [--nm 2:4]
+    /work/venvs/llmc14/bin/python bench/llmc_peer.py MODEL CALIB_IDS.pt OUT --method sparsegpt --sparsity 0.5 [--nm 2:4]
 with the calibration windows our own runs use (token ids saved by the caller), and evaluates the dense
 checkpoint it writes with our evaluation code. Prints one JSON line: {"prune_seconds": ...}.
 """
@@ -42,7 +40,7 @@ def main() -> None:
 
     ids = torch.load(args.calib_ids)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     # the decoder blocks hold the targets; the (tied) head stays dense, as in our runs
     common = dict(sparsity=args.sparsity, mask_structure=args.nm, targets=[r"re:model.layers.\d+$"],

@@ -38,7 +38,7 @@ from core.harness import run_tasks  # noqa: E402
 logger = logging.getLogger("bench.sparsity")
 EVAL_TEXT = ROOT / "reference" / "corpus" / "eval.txt"
 RESULTS = ROOT / "bench" / "results" / "sparsity_reference_cpu"
-LLMC_PYTHON = Path("/work/venvs/llmc/bin/python")
+LLMC_PYTHON = Path("/work/venvs/llmc14/bin/python")
 LEVELS = ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9", "2:4", "4:8"]
 EVAL_TOKENS = 16384
 CASES = {  # name -> (score, options)
@@ -210,10 +210,10 @@ def main() -> None:
         proc = subprocess.run([str(LLMC_PYTHON), "-c", "import llmcompressor; print(llmcompressor.__version__)"],
                               capture_output=True, text=True)
         doc["peer_version"] = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
-        doc["peer_note"] = (f"llm-compressor {doc['peer_version']} (its last release with SparseGPT/Wanda) in its own "
-                            "virtual environment with transformers 4.57.6 and this machine's torch "
-                            f"{torch.__version__} (outside its torch <= 2.10 pin); same calibration windows; its "
-                            "layer-sequential pipeline calibrates every linear of a block in one pass")
+        doc["peer_note"] = (f"llm-compressor {doc['peer_version']} in its own virtual environment (it pins "
+                            f"transformers <= 5.17; there 5.17 with this machine's torch {torch.__version__}); same "
+                            "calibration windows, block size and dampening; its sequential pipeline calibrates every "
+                            "linear of a block in one pass")
     done = {(r["case"], r["level"]) for r in doc["records"]}
     for case in [c for c in args.cases.split(",") if c]:
         levels = args.levels.split(",") if args.levels else DEFAULT_LEVELS.get(case, CURVE_LEVELS)

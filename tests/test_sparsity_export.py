@@ -99,6 +99,14 @@ def test_compressed_round_trip_has_the_same_logits(tmp_path, pattern, ratio, fmt
     assert report["index_bytes"] >= bitmasks
 
 
+@pytest.mark.parametrize("family", ["phi3", "qwen2", "gemma3"])
+def test_compressed_round_trip_other_families(tmp_path, family):
+    """Fused projections (Phi-3), biases (Qwen2), interleaved layer types (Gemma 3)."""
+    result = _sparse(family=family)
+    out = core.save_pruned(result, tmp_path / "out", sparse_format="compressed")
+    _same_weights(core.load_pruned(str(out)), result.model)
+
+
 def test_compressed_disk_bytes_match_the_arithmetic(tmp_path):
     """2:4 in float32: half the values plus one bit per weight (and 16 bytes of shape per linear)."""
     result = _sparse()
