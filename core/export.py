@@ -110,9 +110,11 @@ def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: st
     model = result.model
     _save_weights(model, folder, max_shard_size)
     if sparse_format == "compressed":
+        from torch import nn
+
         from .sparse_format import write_compressed
 
-        write_compressed(model, result.spec, folder)
+        write_compressed(folder, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     if result.tokenizer is not None:
         result.tokenizer.save_pretrained(folder)
     doc = recipe_document(result)

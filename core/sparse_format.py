@@ -118,36 +118,44 @@ def _shards(folder: Path) -> tuple[list[Path], Path | None]:
     return [folder / "model.safetensors"], None
 
 
-def _sparse_modules(model: nn.Module, spec) -> dict[str, torch.Tensor]:
-    """{module name: weight} of the decoder-block linears that hold zeros."""
-    from .layer_config import layer_shapes
-    from .layers import decoder_layers
-    from .methods.sparsity import linear_groups
-
-    out = {}
-    for i, shape in enumerate(layer_shapes(model.config)):
-        for _, group in linear_groups(decoder_layers(model, spec)[i], spec, shape, "all"):
-            for path, module in group.items():
-                if bool((module.weight == 0).any()):
-                    out[f"{spec.layers}.{i}.{path}"] = module.weight
-    return out
+def _layer_linear_weight(key: str, linears: set[str]) -> str | None:
+    """The module name when `key` is the weight of a decoder-block Linear."""
+    module = key[: -len(".weight")] if key.endswith(".weight") else None
+    return module if module in linears and _LAYER.search(module + ".") else None
 
 
-def write_compressed(model: nn.Module, spec, folder: Path) -> dict:
-    """Rewrite the dense shards that save_pretrained wrote in `folder` with the sparse linears compressed, one
-    shard at a time, and add the sparsity config to config.json. Returns the sparsity config."""
+def write_compressed(folder: Path, linears: list[str]) -> dict:
+    """Rewrite the dense shards in `folder` with the decoder-block linears that hold zeros compressed, one tensor
+    and one shard at a time (a first pass over the stored tensors picks the format), and add the sparsity config
+    to config.json. `linears`: the model's Linear module names (its structure only). Returns the sparsity config."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    sparse = _sparse_modules(model, spec)
-    fmt = BITMASK_24 if sparse and all(is_nm(w) for w in sparse.values()) else BITMASK
+    names = set(linears)
     shards, index = _shards(folder)
+    sparse, all_24, zeros, params = set(), True, 0, 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                params += t.numel()
+                module = _layer_linear_weight(key, names)
+                z = int((t == 0).sum()) if module else 0
+                if z:
+                    sparse.add(module)
+                    zeros += z
+                    all_24 = all_24 and is_nm(t)
+    if not sparse:
+        from .errors import InvalidTargetError
+
+        raise InvalidTargetError("No decoder-block linear holds zeros: there is nothing to compress.")
+    fmt = BITMASK_24 if all_24 else BITMASK
     weight_map = {}
     for shard in shards:
         tensors = {}
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
-                module = key[: -len(".weight")] if key.endswith(".weight") else None
+                module = _layer_linear_weight(key, names)
                 if module in sparse:
                     for part, t in compress(f.get_tensor(key), fmt).items():
                         tensors[f"{module}.{part}"] = t.contiguous()
@@ -159,12 +167,9 @@ def write_compressed(model: nn.Module, spec, folder: Path) -> dict:
         size = sum(s.stat().st_size for s in shards)
         index.write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))},
                                     indent=2) + "\n")
-    zeros = sum(int((w == 0).sum()) for w in sparse.values())
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     config = {"format": fmt, "sparsity_structure": "2:4" if fmt == BITMASK_24 else "unstructured",
-              "global_sparsity": round(zeros / sum(p.numel() for p in model.parameters()), 6),
-              "targets": ["Linear"], "ignore": [n for n in linears if n not in sparse],
-              "registry_requires_subclass": False}
+              "global_sparsity": round(zeros / max(params, 1), 6), "targets": ["Linear"],
+              "ignore": [n for n in linears if n not in sparse], "registry_requires_subclass": False}
     path = folder / "config.json"
     data = json.loads(path.read_text())
     data["quantization_config"] = {"quant_method": "compressed-tensors", "format": "dense", "version": "0.14.0.1",

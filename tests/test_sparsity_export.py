@@ -177,7 +177,7 @@ def test_stacking_a_structured_stage_then_two_four(tmp_path):
 
 def test_structured_stage_after_nm_is_refused():
     recipe = core.Recipe(method="sparsity", target=core.Target(ratio=0.5), options={"pattern": "2:4"},
-                         then=(core.recipe.Stage(method="maw", target=core.Target(ratio=0.2)),))
+                         then=(core.Stage(method="maw", target=core.Target(ratio=0.2)),))
     with pytest.raises(RecipeError, match="before the sparsity stage"):
         core.prune(tiny_model("llama"), None, recipe)
 
