@@ -50,6 +50,7 @@ def _normalize_stage(recipe: Recipe) -> Recipe:
                                f"or an MLP score as shorthand for mlp_width: {', '.join(MLP_SCORES)}.")
     method = METHODS.get(recipe.method)
     method.validate(recipe)
+    recipe = method.canonical(recipe)
     if recipe.score is None and method.default_score:
         recipe = recipe.replace(score=method.default_score)
     return recipe

@@ -282,4 +282,5 @@ def test_unquoted_yaml_pattern_is_read_as_written():
     recipe = core.Recipe.from_yaml("method: sparsity\ntarget: {ratio: 0.5}\noptions: {pattern: 2:4}\n")
     assert recipe.options["pattern"] == 124  # YAML 1.1 base 60
     assert parse_pattern(recipe.options["pattern"]) == Pattern(2, 4)
-    core.prune(tiny_model("llama"), None, recipe.replace(score="magnitude"))
+    result = core.prune(tiny_model("llama"), None, recipe.replace(score="magnitude"))
+    assert result.recipe.options["pattern"] == "2:4"  # written back as read

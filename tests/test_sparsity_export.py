@@ -175,8 +175,9 @@ def test_stacking_a_structured_stage_then_two_four(tmp_path):
     torch.testing.assert_close(logits(again.model, IDS), logits(core.load_pruned(str(out)), IDS))
 
 
-def test_structured_stage_after_nm_is_refused():
-    recipe = core.Recipe(method="sparsity", target=core.Target(ratio=0.5), options={"pattern": "2:4"},
+@pytest.mark.parametrize("pattern", ["2:4", 124])
+def test_structured_stage_after_nm_is_refused(pattern):
+    recipe = core.Recipe(method="sparsity", target=core.Target(ratio=0.5), options={"pattern": pattern},
                          then=(core.Stage(method="maw", target=core.Target(ratio=0.2)),))
     with pytest.raises(RecipeError, match="before the sparsity stage"):
         core.prune(tiny_model("llama"), None, recipe)

@@ -87,6 +87,10 @@ class Method:
                 raise CalibrationError(f"Calibration file {source!r} does not exist. Give a .txt or .jsonl file, "
                                        "'builtin', or 'dataset:NAME'.")
 
+    def canonical(self, recipe: Recipe) -> Recipe:
+        """The recipe with its options written in their canonical form (called after `validate`)."""
+        return recipe
+
     def needs_data(self, recipe: Recipe) -> bool:
         score = self.score(recipe)
         return bool(score and score.needs_data)

@@ -99,7 +99,9 @@ class Sparsity(Method):
 
     @dataclass(frozen=True)
     class Options:
-        pattern: str = "unstructured"  # 'unstructured', or 'N:M' (e.g. '2:4', '4:8'): keep N of every M inputs
+        # 'unstructured', or 'N:M' (e.g. '2:4', '4:8'): keep N of every M inputs (an int is YAML's base-60 reading
+        # of an unquoted N:M)
+        pattern: str | int = "unstructured"
         scope: str | None = None  # unstructured: compare per 'layer', per output 'row', or 'global' (magnitude)
         linears: str = "all"  # 'all' decoder-block linears, or only the 'attention' / 'mlp' ones
         order: str = "branch"  # 'branch': attention before MLP; 'linear': also q/k/v before o, gate/up before down
@@ -149,6 +151,11 @@ class Sparsity(Method):
                                          "ratios or use scope layer.")
         if score == "sparsegpt" and opts.scope is not None:
             raise RecipeError("sparsegpt chooses its mask block by block (columns of 128); scope does not apply.")
+
+    def canonical(self, recipe):
+        if "pattern" not in recipe.options:
+            return recipe
+        return recipe.replace(options=dict(recipe.options, pattern=str(parse_pattern(recipe.options["pattern"]))))
 
     # -- helpers -------------------------------------------------------------------------------------------
 
