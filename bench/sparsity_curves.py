@@ -10,7 +10,8 @@ perplexity on `reference/corpus/eval.txt` and the accuracy on the bundled cloze 
     python bench/sparsity_curves.py                       # the default grid (hours on a busy 2-core CPU)
     python bench/sparsity_curves.py --cases wanda,sparsegpt --levels 0.2,0.4,0.6,0.8    # more points
 
-Cells already in the results file are kept (the run resumes); --fresh starts over.
+Cells already in the results file are kept (the run resumes, and every command is recorded); --fresh starts over;
+--report only rewrites the markdown and plot from the JSON.
 Writes bench/results/sparsity_reference_cpu.{json,md,png}.
 """
 from __future__ import annotations
@@ -117,8 +118,10 @@ def markdown(doc: dict) -> str:
     cells: dict[str, dict] = {}
     for r in doc["records"]:
         cells.setdefault(r["case"], {})[r["level"]] = r
+    commands = "; ".join(f"`{c}`" for c in doc.get("commands", [doc["command"]]))
     lines = [f"# Accuracy against sparsity on the reference model (CPU)", "",
-             f"- Command: `{doc['command']}`; started {doc['started']}, finished {doc.get('finished', '-')}",
+             f"- Commands (in this order, each resuming the same results file): {commands}; started "
+             f"{doc['started']}, finished {doc.get('finished', '-')}",
              f"- Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores shared with other jobs (load "
              f"average {doc['machine']['load_average']} at the start): prune times are indicative only",
              f"- Calibration: {doc['calibration']}; perplexity on held-out `reference/corpus/eval.txt` "
@@ -140,10 +143,31 @@ def markdown(doc: dict) -> str:
     for case, row in cells.items():
         lines.append(f"| {case} | " + " | ".join(
             "-" if lv not in row or "error" in row[lv] else f"{row[lv]['prune_seconds']:.1f}" for lv in levels) + " |")
+    lines += figures(cells)
     errors = [f"- {r['case']} @ {r['level']}: {r['error']}" for r in doc["records"] if "error" in r]
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines) + "\n"
+
+
+def figures(cells: dict[str, dict]) -> list[str]:
+    """The issue's figures at 50% and 2:4: SparseGPT <= Wanda <= magnitude, and ours against the peer's."""
+    def ppl(case, level):
+        rec = cells.get(case, {}).get(level)
+        return rec["perplexity"] if rec and "error" not in rec else None
+
+    lines = ["", "## Figures", ""]
+    for level in ("0.5", "2:4"):
+        m, w, g = ppl("magnitude", level), ppl("wanda", level), ppl("sparsegpt", level)
+        if None not in (m, w, g):
+            lines.append(f"- {level}: SparseGPT {g:.2f} <= Wanda {w:.2f} <= magnitude {m:.2f}: "
+                         f"{'yes' if g <= w <= m else 'NO'}")
+        for score in ("wanda", "sparsegpt"):
+            ours, peer = ppl(score, level), ppl(f"llmc-{score}", level)
+            if ours is not None and peer is not None:
+                lines.append(f"- {level}: our {score} {ours:.2f} against llm-compressor's {peer:.2f}: "
+                             f"{100 * (ours / peer - 1):+.1f}% ({'within 2% or better' if ours <= 1.02 * peer else 'NOT within 2%'})")
+    return lines if len(lines) > 3 else []
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -188,16 +212,24 @@ def main() -> None:
     parser.add_argument("--levels", help="comma separated, e.g. 0.5,2:4 (default: all; fewer for taylor and peers)")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown and plot from the JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     json_path = RESULTS.with_suffix(".json")
     doc = json.loads(json_path.read_text()) if json_path.exists() and not args.fresh else None
+    if args.report:
+        RESULTS.with_suffix(".md").write_text(markdown(doc))
+        plot(doc, RESULTS.with_suffix(".png"))
+        return
     if doc is None:
         model, tokenizer = core.load_model(None, core.LoadOptions(device="cpu", dtype="float32"))
         doc = {"command": "python " + " ".join(sys.argv), "started": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": machine(), "calibration": core.CalibrationConfig().describe(),
                "dense": _evaluate(model, tokenizer), "records": []}
+    doc.setdefault("commands", [doc["command"]])
+    if doc["commands"][-1] != "python " + " ".join(sys.argv) or len(doc["records"]) > 0:
+        doc["commands"].append("python " + " ".join(sys.argv))
     calib = Path(tempfile.mkdtemp()) / "calib.pt"
     from core.calibration import load_calibration
 
@@ -209,7 +241,7 @@ def main() -> None:
     else:
         proc = subprocess.run([str(LLMC_PYTHON), "-c", "import llmcompressor; print(llmcompressor.__version__)"],
                               capture_output=True, text=True)
-        doc["peer_version"] = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
+        doc["peer_version"] = (proc.stdout.strip() or proc.stderr.strip()).splitlines()[-1]  # its logger writes first
         doc["peer_note"] = (f"llm-compressor {doc['peer_version']} in its own virtual environment (it pins "
                             f"transformers <= 5.17; there 5.17 with this machine's torch {torch.__version__}); same "
                             "calibration windows, block size and dampening; its sequential pipeline calibrates every "

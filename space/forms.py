@@ -30,6 +30,7 @@ METHOD_TITLES = {
     "attention_heads": "Attention heads",
     "depth": "Whole layers or sub-layers (depth pruning)",
     "slimllm": "SlimLLM: attention heads and MLP channels",
+    "sparsity": "Single weights: unstructured or 2:4 sparsity",
 }
 SCORE_TITLES = {
     "maw": "Largest weight (max |w|)",
@@ -47,6 +48,9 @@ SCORE_TITLES = {
     "update_norm": "Size of the update",
     "shapley_loo": "Shapley value (leave one out)",
     "shapley_mc": "Shapley value (Monte Carlo)",
+    "wanda": "Wanda (|w| × input norm)",
+    "sparsegpt": "SparseGPT (reconstruction with weight update)",
+    "taylor": "Taylor (|w × gradient|)",
 }
 CALIBRATION_SOURCES = {"shipped": "shipped text", "dataset": "a dataset on the Hub", "upload": "an uploaded file"}
 UPLOAD_SUFFIXES = (".txt", ".jsonl")

@@ -216,13 +216,41 @@ def test_space_builds_a_sparsity_recipe_from_its_form():
     from space.forms import Form, build_recipe, method_names, needs_calibration, options_yaml, score_choices
 
     assert "sparsity" in method_names()
-    assert ("sparsegpt (uses data)", "sparsegpt") in score_choices("sparsity")
+    assert ("SparseGPT (reconstruction with weight update) · uses data", "sparsegpt") in score_choices("sparsity")
     assert "pattern: unstructured" in options_yaml("sparsity")
     form = Form(method="sparsity", score="sparsegpt", target_kind="ratio", target_value="0.5",
                 options_yaml="pattern: 2:4\n")
     recipe = build_recipe(form, None)
     assert recipe.options == {"pattern": 124} and needs_calibration("sparsity", "sparsegpt")
     core.prune(tiny_model("llama"), None, recipe.replace(score="magnitude"))
+
+
+def test_space_job_runs_sparsity_and_shows_the_zeros(tmp_path, src):
+    """A whole Space job: the same parameter count is not 'nothing removed'; the page shows the measured zeros."""
+    pytest.importorskip("fastapi")
+    from space import handlers
+    from space.forms import Form
+    from space.jobs import JobQueue, ResultStore
+    from space.settings import Settings
+
+    settings = Settings(default_model=src, default_model_label="tiny", on_space=False, allow_local_paths=True,
+                        work_dir=tmp_path / "work", eval_tokens=128, eval_length=64, generation_tokens=4)
+    store = ResultStore(keep=1, root=settings.work_dir)
+    try:
+        form = Form(method="sparsity", score="magnitude", target_value="0.5", options_yaml="pattern: 2:4\n")
+        events = list(handlers.run_job(form, settings, store, JobQueue(), "s1"))
+        kind, res = events[-1][0], events[-1][1]
+        assert kind == "done", res
+        assert res.sparsity == 0.5 and res.evidence.removed_fraction == 0
+        assert "50.0% of the decoder-block linear weights set to zero" in handlers.done_status(res)
+        assert res.suggest_repo(None).endswith("-sparsity-50pct")
+        html = handlers.chart_markdown(res)
+        assert "non-zero linear weights" in html and html.count(">50.0%</div>") == 4
+        for k, t in _tensors(res.folder).items():
+            if ".layers." in k and k.endswith("proj.weight"):
+                assert ((t != 0).reshape(t.shape[0], -1, 4).sum(-1) == 2).all(), k
+    finally:
+        store.close()
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
