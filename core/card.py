@@ -33,8 +33,9 @@ def stage_names(recipe) -> list[str]:
     return names
 
 
-def sparsity_section(sparsity: dict, recipe, disk: dict, sparse_format: str) -> str:
-    """Card section: measured zeros per layer, the format and bytes on disk against dense, and what it buys."""
+def sparsity_section(sparsity: dict, recipe, disk: dict | None, sparse_format: str) -> str:
+    """Card section: measured zeros per layer, the format and bytes on disk against dense (when `disk` is known: a
+    card written before its weights has none), and what it buys."""
     patterns = {str(s.options.get("pattern", "unstructured")) for s in recipe.stages() if s.method == "sparsity"}
     rows = "\n".join(f"| {l['layer']} | {l['sparsity']:.1%} | " + ", ".join(
         f"{k.rpartition('.')[2]} {v:.0%}" for k, v in l["linears"].items()) + " |" for l in sparsity["layers"])
@@ -45,7 +46,8 @@ def sparsity_section(sparsity: dict, recipe, disk: dict, sparse_format: str) -> 
                   f"{mb(disk['index_bytes'])} bitmask/index overhead). Load it with `core.load_pruned`: "
                   "transformers 5 (compressed-tensors >= 0.15) no longer decompresses this format.")
     else:
-        stored = (f"dense safetensors with the zeros stored ({mb(disk['disk_bytes'])} of weights): loads anywhere, "
+        size = f" ({mb(disk['disk_bytes'])} of weights)" if disk else ""
+        stored = (f"dense safetensors with the zeros stored{size}: loads anywhere, "
                   "but saves no disk or memory by itself (`python -m core prune ... --compressed` writes the "
                   "compressed-tensors bitmask format).")
     return f"""## Sparsity

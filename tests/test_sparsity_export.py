@@ -197,19 +197,43 @@ def test_single_stage_recipes_keep_their_layout_and_hash():
     assert core.Recipe.from_yaml(stacked.as_yaml()) == stacked.recipe
 
 
-def test_bot_runs_a_sparsity_recipe_like_its_worker(tmp_path, src):
-    """The worker's steps: recipe from the job's YAML, core.prune on the loaded source, save_pruned."""
-    from hub_bot.recipes import recipe_entry
+def test_bot_publishes_a_sparsity_variant(tmp_path):
+    """The real bot on the local Hub: a pushed source, a Wanda 2:4 recipe, a published variant whose every pruned
+    linear is exactly 2:4, that reloads with plain transformers, and whose card reports the measured zeros."""
+    pytest.importorskip("fastapi")
+    from huggingface_hub import HfApi
 
-    entry = recipe_entry({"method": "sparsity", "score": "wanda", "target": {"ratio": 0.5},
-                          "options": {"pattern": "2:4"}, "calibration": {"n_samples": 4, "seq_len": 32}})
-    recipe = core.Recipe.from_yaml(entry.as_yaml())
-    model, tok = core.load_model(str(src), core.LoadOptions(device="cpu"))
-    result = core.prune(model, tok, recipe, base_model=str(src))
-    out = core.save_pruned(result, tmp_path / "variant", repo_name="tiny-sparsity-50pct")
+    from bot_support import bot_config, drain, online_on_one_thread, push, tiny_source
+    from hub_bot.local_hub import start_local_hub
+    from hub_bot.service import Bot
+
+    alice, bot_token = "hf_AliceSparseToken0123456789abcdef", "hf_BotSparseToken0123456789abcdefgh"
+    recipe = {"method": "sparsity", "score": "wanda", "target": {"ratio": 0.5}, "options": {"pattern": "2:4"},
+              "calibration": {"n_samples": 4, "seq_len": 32}}
+    hub = start_local_hub(tmp_path / "hub", {"users": {"pruning-bot": {"orgs": ["pruners"]}},
+                                              "tokens": {alice: {"user": "alice", "role": "write"},
+                                                         bot_token: {"user": "pruning-bot", "role": "write"}}})
+    try:
+        with online_on_one_thread():
+            api = HfApi(endpoint=hub.url, token=alice)
+            push(api, "alice/sparse-src", tiny_source(tmp_path / "src"))
+            with Bot(bot_config(tmp_path, hub.url, [{"repo": "alice/sparse-src", "recipes": [recipe]}]),
+                     token=bot_token) as bot:
+                bot.poller.poll_once()
+                drain(bot)
+                job = bot.store.jobs()[0]
+                assert job.state == "done", job
+            out = Path(api.snapshot_download("pruners/sparse-src-sparsity-50pct", local_dir=tmp_path / "variant"))
+    finally:
+        hub.stop()
+    for k, t in _tensors(out).items():
+        if ".layers." in k and k.endswith("proj.weight"):
+            assert ((t != 0).reshape(t.shape[0], -1, 4).sum(-1) == 2).all(), k
+    card = (out / "README.md").read_text()
+    assert "## Sparsity" in card and "50.00% of the decoder-block linear weights are" in card
+    assert yaml.safe_load((out / RECIPE_FILE).read_text())["result"]["sparsity"]["sparsity"] == 0.5
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    _same_weights(reloaded, result.model)
-    torch.testing.assert_close(logits(reloaded, IDS), logits(result.model, IDS))
+    torch.testing.assert_close(logits(reloaded, IDS), logits(core.load_pruned(str(out)), IDS))
 
 
 def test_space_builds_a_sparsity_recipe_from_its_form():
