@@ -132,7 +132,7 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
     start = time.perf_counter()
     try:
         for stage in stages:
-            ctx = PruneContext(model, tokenizer, spec, stage, prog, calibration)
+            ctx = PruneContext(model, tokenizer, spec, stage, prog, _calibration=calibration)
             stage_before = count_parameters(model, spec)["total"]
             report = METHODS.get(stage.method).run(ctx)
             calibration = ctx._calibration if stage.calibration == recipe.calibration else None
