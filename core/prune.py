@@ -11,7 +11,8 @@ from typing import Any
 from torch import nn
 
 from .architectures import ArchSpec, spec_for_config
-from .errors import ModelLoadError, RecipeError, UnknownNameError
+from .card import public_model_name
+from .errors import InvalidTargetError, ModelLoadError, RecipeError, UnknownNameError
 from .layer_config import layer_shapes
 from .methods import METHODS, PruneContext
 from .model_io import LoadOptions, load_model, resolve_model_name
@@ -87,7 +88,7 @@ class PruneResult:
         before, after = self.params_before["total"], self.params_after["total"]
         return {
             "tool": "core", "tool_version": __version__,
-            "base_model": self.base_model, "base_revision": self.base_revision,
+            "base_model": public_model_name(self.base_model), "base_revision": self.base_revision,
             "family": self.spec.family,
             "calibration": self.calibration,
             "params_before": before, "params_after": after,
@@ -148,6 +149,9 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
         from .sparse_format import measure_sparsity
 
         extra["sparsity"] = measure_sparsity(model, spec)
+    if count_parameters(model, spec)["total"] == before["total"] and not extra.get("sparsity", {}).get("zeros"):
+        raise InvalidTargetError(f"The target removed nothing from the model (method {recipe.method}): raise the "
+                                 "ratio or choose a larger unit.")
     return PruneResult(
         model=model, tokenizer=tokenizer, recipe=recipe, spec=spec, params_before=before,
         params_after=count_parameters(model, spec), report=reports[0]["report"] if len(reports) == 1 else

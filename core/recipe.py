@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ import yaml
 from .allocation import LayerSelection, Target
 from .calibration import CalibrationConfig
 from .errors import PruningError, RecipeError
+
+MAX_RECIPE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -85,29 +88,35 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> "Recipe":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"The recipe is not valid YAML: {err}") from None
-        return cls.from_dict(recipe_mapping(data))
+        return cls.from_dict(parse_recipe_yaml(text))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
-        try:
-            return cls.from_yaml(Path(path).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise RecipeError(f"Cannot read recipe {path}: {err.strerror}.") from None
+        return cls.from_dict(recipe_data(path))
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
 
-def recipe_mapping(data: Any) -> dict:
+def parse_recipe_yaml(text: str, where: str = "The recipe") -> dict:
+    """The mapping of a recipe's YAML text (see `recipe_mapping`), without the `result` section that exported
+    recipes carry."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{where} is not valid YAML{at}: {problem}. Fix the file or write it again.") from None
+    return recipe_mapping(data, where)
+
+
+def recipe_mapping(data: Any, where: str = "The recipe") -> dict:
     """A recipe document as one mapping: a YAML list of stages becomes its first stage plus `then:` (the first
     item carries the shared fields: model, calibration, ...); a written recipe's `result:` section is dropped."""
     if isinstance(data, list):
         if not data or not all(isinstance(item, dict) for item in data):
-            raise RecipeError("A recipe must be a YAML mapping (method:, target:, ...) or a list of such mappings, "
+            raise RecipeError(f"{where} must be a YAML mapping (method:, target:, ...) or a list of such mappings, "
                               "one per stage.")
         for n, item in enumerate(data[1:], 2):
             shared = sorted(set(item) - set(STAGE_FIELDS))
@@ -116,10 +125,41 @@ def recipe_mapping(data: Any) -> dict:
                                   f"{', '.join(STAGE_FIELDS)} (the first stage holds the shared settings).")
         data = dict(data[0], then=[*data[0].get("then", []), *data[1:]])
     if not isinstance(data, dict):
-        raise RecipeError("A recipe must be a YAML mapping (method:, target:, ...) or a list of stages.")
+        raise RecipeError(f"{where} must be a YAML mapping (method:, target:, ...) or a list of stages, not "
+                          f"{type(data).__name__}.")
     data = dict(data)
     data.pop("result", None)  # recipes written next to checkpoints carry their results
     return data
+
+
+def recipe_data(path: str | Path) -> dict:
+    """The mapping of a recipe file, with one-line errors for missing, binary or malformed files."""
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"Recipe {path} is a folder; give the YAML file (e.g. {p / 'pruning_recipe.yaml'}).")
+    try:
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
+    except OSError as err:
+        raise RecipeError(f"Cannot read recipe {path}: {err.strerror}.") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"Recipe {path} is larger than {MAX_RECIPE_BYTES // 1024} KB; is it really a recipe?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"Recipe {path} is not a UTF-8 text file; give a YAML recipe.") from None
+    data = parse_recipe_yaml(text, f"Recipe {path}")
+    _resolve_relative(data, p.parent)
+    return data
+
+
+def _resolve_relative(data: dict, folder: Path) -> None:
+    """Exported recipes name local inputs relative to their own folder ('../base'): resolve those that exist there."""
+    calibration = data.get("calibration") if isinstance(data.get("calibration"), dict) else {}
+    for holder, key in ((data, "model"), (calibration, "source")):
+        value = holder.get(key)
+        if isinstance(value, str) and value.startswith(("./", "../")) and (folder / value).exists():
+            holder[key] = os.path.normpath(folder / value)
 
 
 def _to_plain(obj: Any) -> Any:
