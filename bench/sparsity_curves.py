@@ -129,7 +129,8 @@ def markdown(doc: dict) -> str:
              "chance 25%)",
              f"- Dense model: perplexity **{dense['perplexity']:.2f}**, cloze accuracy **{dense['cloze_acc']:.3f}**",
              "- Every decoder-block linear pruned at the level (embeddings and head dense); no fine-tuning",
-             f"- Peer: {doc.get('peer_note') or 'llm-compressor ' + str(doc.get('peer_version'))}", "",
+             f"- Peer: {doc.get('peer_note') or 'llm-compressor ' + str(doc.get('peer_version'))}",
+             *([f"- Note: {doc['note']}"] if doc.get("note") else []), "",
              "## Held-out perplexity", "", "| method | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
     for case, row in cells.items():
         lines.append(f"| {case} | " + " | ".join(
