@@ -96,6 +96,8 @@ def zero_fraction(weight: torch.Tensor) -> float:
 
 @register_method
 class Sparsity(Method):
+    """Removes single weights of the decoder-block linears (set to zero, shapes kept): unstructured or N:M (2:4)"""
+
     name = "sparsity"
     scores = SPARSITY_SCORES
     default_score = "wanda"
