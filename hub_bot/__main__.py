@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "tiny random model while the reference model is missing)")
     demo.add_argument("--workdir", help="keep the Hub data, database and logs here (default: a temp dir, removed)")
     demo.add_argument("--timeout", type=float, default=600, help="seconds to wait for the variants")
+    demo.add_argument("--executor", choices=("local", "ray"), default="local",
+                      help="ray: two sources x two recipes as Ray tasks on a local Ray instance of two worker "
+                           "processes (default: local, jobs one at a time in the bot process)")
     for p in (run, status, requeue, demo):
         p.add_argument("--log-level", default="INFO")
         p.add_argument("--log-format", choices=("json", "text"), default=None,
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return _requeue(args)
         from .demo import run_demo
 
-        return run_demo(args.source, args.timeout)
+        return run_demo(args.source, args.timeout, args.executor)
     except BotError as err:
         logger.error("%s", err)
         return 2

@@ -22,6 +22,8 @@ polling: {interval_s: 300}           # polling model_info / list_models; 0 or ab
 device: cpu                          # where pruning and evaluation run
 publish_dtype: source                # weights are published in the source's dtype (or float32/bfloat16/float16)
 torch_threads: null                  # CPU threads for torch; 1 helps on busy shared machines
+executor: local                      # jobs one at a time in the bot process; or on a Ray cluster:
+# executor: {ray: {address: auto, num_cpus: 4, num_gpus: 1, memory_gb: 64, gpu_memory_gb: 80, max_concurrent: 8}}
 watch:
   - repo: alice/tiny-llama           # or `author: alice` (every model of a user or organization)
     publish: repo                    # repo: {target_org}/{model}-{method}-{pct}pct ; pr: a PR on the source repo
@@ -35,7 +37,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -139,6 +141,22 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class RaySettings:
+    """`executor: {ray: {...}}`: each job runs as a Ray task with these resources (see ray_executor.py)."""
+
+    address: str = "auto"  # auto (the cluster of `ray start` on this machine), HOST:PORT, ray://HOST:PORT, local
+    num_cpus: float = 1.0  # CPUs per job
+    num_gpus: float = 0.0  # GPUs per job: 0 (CPU workers) or up to 1 (a job prunes on one device)
+    memory_gb: float | None = None  # the most RAM one job may get; a job asks for what its model needs
+    gpu_memory_gb: float | None = None  # memory of one worker GPU (when num_gpus > 0 and no gpu_types)
+    gpu_types: tuple[tuple[str, float], ...] = ()  # (Ray accelerator type, GB): the smallest that fits is asked for
+    max_concurrent: int = 4  # jobs running at the same time
+    autoscaling: bool = False  # False: a job no live node can take fails; True: only the limits above count
+    connect_timeout_s: float = 10.0  # how long the bot waits for the cluster's address to answer at start
+    runtime_env: dict = field(default_factory=dict, hash=False, compare=False)  # passed to ray.init
+
+
+@dataclass(frozen=True)
 class WatchEntry:
     repo: str | None
     author: str | None
@@ -169,6 +187,7 @@ class BotConfig:
     publish_dtype: str = "source"  # dtype of the published weights: the source's, or float32/bfloat16/float16
     torch_threads: int | None = None  # CPU threads for torch (None: torch's default); 1 on busy shared machines
     work_dir: Path | None = None  # where temporary job folders go (default: the system temp dir)
+    ray: RaySettings | None = None  # `executor: {ray: ...}`; None: `executor: local` (in the bot process)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BotConfig":
@@ -187,7 +206,7 @@ class BotConfig:
             raise ConfigError("The bot config must be a YAML mapping (hub:, target_org:, watch:, ...).")
         base_dir = Path(base_dir)
         known = ("hub", "target_org", "database", "limits", "visibility", "evaluation", "server", "webhook",
-                 "polling", "watch", "device", "publish_dtype", "torch_threads", "work_dir")
+                 "polling", "watch", "device", "publish_dtype", "torch_threads", "work_dir", "executor")
         _check_keys(data, known, "config")
         hub = _section(HubSettings, data.get("hub"), "hub")
         if "token" in (data.get("hub") or {}):
@@ -232,12 +251,13 @@ class BotConfig:
         publish_dtype = str(data.get("publish_dtype") or "source")
         if publish_dtype not in ("source", "float32", "bfloat16", "float16"):
             raise ConfigError(f"publish_dtype must be source, float32, bfloat16 or float16 (got {publish_dtype!r}).")
+        device = str(data.get("device") or "cpu")
         return cls(hub=hub, target_org=target_org, database=database if database.is_absolute() else base_dir / database,
                    watch=watch, limits=limits, visibility=visibility, evaluation=evaluation, server=server,
                    webhook=webhook,
-                   poll_interval_s=float(polling.get("interval_s") or 0), device=str(data.get("device") or "cpu"),
+                   poll_interval_s=float(polling.get("interval_s") or 0), device=device,
                    publish_dtype=publish_dtype, torch_threads=_positive_int(data.get("torch_threads"), "torch_threads"),
-                   work_dir=Path(work_dir) if work_dir else None)
+                   work_dir=Path(work_dir) if work_dir else None, ray=_executor(data.get("executor"), device))
 
     def entries_for(self, repo_id: str) -> list[WatchEntry]:
         return [e for e in self.watch if e.matches(repo_id)]
@@ -298,6 +318,60 @@ def _section(cls, data, where: str):
             raise ConfigError(f"{where}.{f.name} must be a string (got {value!r}).")
         values[f.name] = value
     return cls(**values)
+
+
+def _executor(data, device: str) -> RaySettings | None:
+    """`executor: local` (or absent) -> None; `executor: {ray: {...}}` -> RaySettings, checked."""
+    if data in (None, "local") or data == {"local": None} or data == {"local": {}}:
+        return None
+    if data == "ray":
+        data = {"ray": {}}
+    if not isinstance(data, dict) or list(data) != ["ray"]:
+        raise ConfigError("executor must be `local` (jobs in the bot process) or `{ray: {address: auto, ...}}` "
+                          f"(jobs as Ray tasks), got {data!r}.")
+    raw = dict(data["ray"] or {})
+    gpu_types, runtime_env = raw.pop("gpu_types", None) or {}, raw.pop("runtime_env", None) or {}
+    for key in ("memory_gb", "gpu_memory_gb"):
+        if raw.get(key) is None:
+            raw.pop(key, None)
+    settings = _section(RaySettings, raw, "executor.ray")
+    for key in ("memory_gb", "gpu_memory_gb"):
+        if key in raw:
+            value = _number(raw[key], f"executor.ray.{key}")
+            settings = replace(settings, **{key: value})
+    if not isinstance(gpu_types, dict) or not isinstance(runtime_env, dict):
+        raise ConfigError("executor.ray.gpu_types (e.g. {L4: 24, A100-80G: 80}) and executor.ray.runtime_env must "
+                          "be mappings.")
+    types = tuple(sorted(((str(k), _number(v, f"executor.ray.gpu_types.{k}")) for k, v in gpu_types.items()),
+                         key=lambda kv: kv[1]))
+    settings = replace(settings, gpu_types=types, runtime_env=runtime_env)
+    address = settings.address.strip()
+    if not (address in ("auto", "local") or re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", address)):
+        raise ConfigError(f"executor.ray.address must be auto, local, HOST:PORT or ray://HOST:PORT (got {address!r}).")
+    if settings.num_cpus <= 0 or settings.max_concurrent < 1 or settings.connect_timeout_s <= 0:
+        raise ConfigError("executor.ray.num_cpus, max_concurrent and connect_timeout_s must be positive.")
+    if not 0 <= settings.num_gpus <= 1:
+        raise ConfigError(f"executor.ray.num_gpus must be between 0 and 1 (got {settings.num_gpus}): a job prunes on "
+                          "one device; fractions let small jobs share a GPU.")
+    if settings.num_gpus > 0:
+        if not device.startswith("cuda"):
+            raise ConfigError("executor.ray.num_gpus > 0 needs `device: cuda` (the jobs run on their GPU).")
+        if not settings.gpu_memory_gb and not settings.gpu_types:
+            raise ConfigError("executor.ray.num_gpus > 0 needs the workers' GPU memory: gpu_memory_gb: 80, or "
+                              "gpu_types: {L4: 24, A100-80G: 80} (Ray accelerator types and their GB).")
+    elif device.startswith("cuda"):
+        raise ConfigError("`device: cuda` with the Ray executor needs executor.ray.num_gpus > 0.")
+    return settings
+
+
+def _number(value, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number (got {value!r}).") from None
+    if number <= 0:
+        raise ConfigError(f"{where} must be positive (got {value!r}).")
+    return number
 
 
 def _eval_settings(data, base_dir: Path) -> EvalSettings:

@@ -5,6 +5,10 @@ Starts the local Hub on free ports in a temp folder, creates a user (`demo-user`
 recipes (maw_range 30%, slimllm 20% with a small calibration set), registers a webhook to the bot, pushes a new
 commit to the source, waits for the variants, then loads each one by name through the Hub with
 `core.load_pruned` (and plain `from_pretrained` for uniform ones) and prints a short table.
+
+With `--executor ray` the bot is the head of a local Ray instance of two worker processes (`executor: {ray:
+{address: local}}`): a second source (`demo-user/reference-llama-copy`) gets a new commit too, the four jobs run
+as Ray tasks two at a time, and the demo checks that every variant got exactly one commit from the bot.
 """
 from __future__ import annotations
 
@@ -93,8 +97,15 @@ def _edited_card(folder: Path) -> bytes:
     return (text.rstrip() + "\n\nServed by the local Hub of `python -m hub_bot demo`.\n").encode()
 
 
-def _bot_config(work: Path, hub_url: str) -> Path:
+def _bot_config(work: Path, hub_url: str, sources: list[str], executor: str = "local") -> Path:
     path = work / "bot.yaml"
+    ray = "executor: {ray: {address: local, num_cpus: 1, max_concurrent: 2}}\n" if executor == "ray" else ""
+    watch = "".join(f"""  - repo: {source}
+    publish: repo
+    recipes:
+      - {{method: maw_range, target: {{ratio: 0.3}}}}
+      - {{method: slimllm, target: {{ratio: 0.2}}, calibration: {{n_samples: 8, seq_len: 64}}}}
+""" for source in sources)
     path.write_text(f"""# written by `python -m hub_bot demo`
 hub: {{endpoint: "{hub_url}", token_env: DEMO_BOT_TOKEN, disable_xet: true}}
 target_org: {ORG}
@@ -106,20 +117,15 @@ evaluation:
   speed: {{prompt_tokens: 64, new_tokens: 16, batch_sizes: [1], repeats: 2}}
 server: {{host: 127.0.0.1, port: 0}}
 webhook: {{path: /webhook, secret_env: DEMO_WEBHOOK_SECRET}}
-watch:
-  - repo: {SOURCE}
-    publish: repo
-    recipes:
-      - {{method: maw_range, target: {{ratio: 0.3}}}}
-      - {{method: slimllm, target: {{ratio: 0.2}}, calibration: {{n_samples: 8, seq_len: 64}}}}
-""", encoding="utf-8")
+{ray}watch:
+{watch}""", encoding="utf-8")
     return path
 
 
-def _wait(bot, sha: str, expected: int, timeout: float) -> list:
+def _wait(bot, shas: set[str], expected: int, timeout: float) -> list:
     deadline, seen = time.monotonic() + timeout, {}
     while time.monotonic() < deadline:
-        jobs = [j for j in bot.store.jobs() if j.source_sha == sha]
+        jobs = [j for j in bot.store.jobs() if j.source_sha in shas]
         for j in jobs:
             if seen.get(j.id) != j.state:
                 seen[j.id] = j.state
@@ -128,6 +134,12 @@ def _wait(bot, sha: str, expected: int, timeout: float) -> list:
             return jobs
         time.sleep(0.5)
     raise SystemExit(f"the variants did not appear within {timeout:.0f}s; see the log above")
+
+
+def _published_once(api, jobs: list) -> dict[str, int]:
+    """Per variant repo: how many of its commits come from the bot's jobs (the demo expects one each)."""
+    return {j.target_repo: sum(c.title.startswith(f"{j.recipe_name} of {j.source_repo}@")
+                               for c in api.list_repo_commits(j.target_repo)) for j in jobs if j.state == "done"}
 
 
 def _load_and_measure(jobs: list) -> list[dict]:
@@ -171,7 +183,7 @@ def _print_table(rows: list[dict]) -> None:
               f"core.load_pruned; from_pretrained: {r['from_pretrained']} | {r['link']} |")
 
 
-def run_demo(source: str | None, timeout: float = 600) -> int:
+def run_demo(source: str | None, timeout: float = 600, executor: str = "local") -> int:
     from huggingface_hub import HfApi
     from transformers.utils import logging as hf_logging
 
@@ -194,23 +206,36 @@ def run_demo(source: str | None, timeout: float = 600) -> int:
     try:
         user = HfApi(endpoint=hub.url, token=user_token)
         folder = _source_folder(source)
-        user.create_repo(SOURCE)
-        user.upload_folder(repo_id=SOURCE, folder_path=folder, commit_message="Seed the reference model",
-                           allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "tokenizer.model"])
-        logger.info("seeded %s/%s from %s", hub.url, SOURCE, folder)
-        bot = Bot(BotConfig.from_file(_bot_config(work, hub.url))).start()
+        sources = [SOURCE, f"{SOURCE}-copy"] if executor == "ray" else [SOURCE]
+        for repo in sources:
+            user.create_repo(repo)
+            user.upload_folder(repo_id=repo, folder_path=folder, commit_message="Seed the reference model",
+                               allow_patterns=["*.json", "*.safetensors", "*.md", "*.txt", "tokenizer.model"])
+            logger.info("seeded %s/%s from %s", hub.url, repo, folder)
+        bot = Bot(BotConfig.from_file(_bot_config(work, hub.url, sources, executor))).start()
         user.create_webhook(url=f"{bot.url}/webhook", watched=[{"type": "user", "name": USER}], domains=["repo"],
                             secret=_STATE["secret"])
         runner = threading.Thread(target=bot.run_forever, name="hub-bot", daemon=True)
         runner.start()
-        commit = user.upload_file(path_or_fileobj=_edited_card(folder), path_in_repo="README.md", repo_id=SOURCE,
-                                  commit_message="Update the model card")
-        logger.info("pushed %s to %s: waiting for the bot (status page: %s/)", commit.oid[:10], SOURCE, bot.url)
-        jobs = _wait(bot, commit.oid, expected=2, timeout=timeout)
+        shas = set()
+        for repo in sources:
+            commit = user.upload_file(path_or_fileobj=_edited_card(folder), path_in_repo="README.md", repo_id=repo,
+                                      commit_message="Update the model card")
+            shas.add(commit.oid)
+            logger.info("pushed %s to %s: waiting for the bot (status page: %s/)", commit.oid[:10], repo, bot.url)
+        jobs = _wait(bot, shas, expected=2 * len(sources), timeout=timeout)
         bot.stop()
         runner.join(timeout=30)
+        once = _published_once(user, jobs)
         rows = _load_and_measure(jobs)
         _print_table(rows)
+        if executor == "ray":
+            places = sorted({f"{j.runner.get('host')} pid {j.runner.get('pid')}" for j in jobs if j.runner})
+            print(f"\nRay: {len(jobs)} jobs ran in {len(places)} worker process(es) ({', '.join(places)}); bot "
+                  f"commits per variant: {sorted(once.values())}")
+            if any(n != 1 for n in once.values()):
+                print(f"NOT published exactly once: {once}")
+                return 1
         kept = f" (Hub data, database and bot.yaml kept in {work})" if _STATE.get("keep") else ""
         print(f"\n{len([r for r in rows if 'error' not in r])} variant(s) published and loaded by name in "
               f"{time.monotonic() - started:.0f}s{kept}")

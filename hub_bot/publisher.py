@@ -14,7 +14,10 @@ a concurrent or duplicate push fails with 412 (retried, then found published) in
 Transient Hub errors while publishing are retried here a few times, waiting at most `inline_wait_max_s` and
 never past a stop request; a longer Retry-After sends the job back to the queue instead.
 
-Publishing is separate from pruning: `publish(job, folder, ...)` needs only the folder the build wrote.
+Publishing is separate from pruning: `publish(job, folder, ...)` needs only the folder the build wrote. Its
+`guard` is called before the target repo is created and right before every commit: the worker re-checks there
+that the job is still its own (lease owner), so a worker that lost its job (a stalled process, a Ray task whose
+head restarted) never pushes.
 """
 from __future__ import annotations
 
@@ -82,10 +85,11 @@ class Publisher:
                                  f"which descends from {job.source_sha[:10]}")
 
     def publish(self, job: Job, folder: Path, content: str | None, message: str, description: str,
-                access: Access, on_created: Callable[[], None] = lambda: None) -> Publication:
+                access: Access, on_created: Callable[[], None] = lambda: None,
+                guard: Callable[[], None] = lambda: None) -> Publication:
         for attempt in range(1, self.attempts + 1):
             try:
-                return self._publish_once(job, folder, content, message, description, access, on_created)
+                return self._publish_once(job, folder, content, message, description, access, on_created, guard)
             except (Superseded, Interrupted):
                 raise
             except Exception as err:
@@ -106,15 +110,16 @@ class Publisher:
                     extra={"job": job.id, "repo": job.target_repo})
 
     def _publish_once(self, job: Job, folder: Path, content: str | None, message: str, description: str,
-                      access: Access, on_created: Callable[[], None]) -> Publication:
+                      access: Access, on_created: Callable[[], None], guard: Callable[[], None]) -> Publication:
         existing = self.find(job, content)
         if existing is not None:
             logger.info("already published, nothing pushed", extra={"job": job.id, "repo": existing.repo})
             return existing
         self.check_not_newer(job)
+        guard()
         if job.publish == "repo":
-            return self._publish_repo(job, folder, message, description, access, on_created)
-        return self._publish_pr(job, folder, message, description)
+            return self._publish_repo(job, folder, message, description, access, on_created, guard)
+        return self._publish_pr(job, folder, message, description, guard)
 
     @staticmethod
     def path_in_repo(job: Job, name: str) -> str:
@@ -135,7 +140,7 @@ class Publisher:
         return True
 
     def _publish_repo(self, job: Job, folder: Path, message: str, description: str, access: Access,
-                      on_created: Callable[[], None]) -> Publication:
+                      on_created: Callable[[], None], guard: Callable[[], None]) -> Publication:
         if self._create_private(job.target_repo):
             on_created()
             logger.info("created %s (private until the variant is in)", job.target_repo,
@@ -144,6 +149,7 @@ class Publisher:
             self.access.restrict(job.target_repo, access)
         head = self.api.model_info(job.target_repo).sha
         ops = self._operations(folder, "", self.api.list_repo_files(job.target_repo, revision=head))
+        guard()
         info = self.api.create_commit(job.target_repo, ops, commit_message=message, commit_description=description,
                                       parent_commit=head)
         return Publication(job.target_repo, "main", info.oid, self.web_url(job.target_repo), new=True)
@@ -160,11 +166,13 @@ class Publisher:
                     return d.num, heads[d.git_reference]
         return None
 
-    def _publish_pr(self, job: Job, folder: Path, message: str, description: str) -> Publication:
+    def _publish_pr(self, job: Job, folder: Path, message: str, description: str,
+                    guard: Callable[[], None]) -> Publication:
         prefix = f"{PR_FOLDER}/{job.recipe_name}/"
         pr = self._open_pr(job.target_repo)
         if pr is None:
             ops = self._operations(folder, prefix, [])
+            guard()
             info = self.api.create_commit(job.target_repo, ops, commit_message=PR_TITLE,
                                           commit_description=description, create_pr=True,
                                           parent_commit=job.source_sha)
@@ -174,6 +182,7 @@ class Publisher:
             num, head = pr
             existing = self.api.list_repo_files(job.target_repo, revision=head)
             ops = self._operations(folder, prefix, existing)
+            guard()
             info = self.api.create_commit(job.target_repo, ops, commit_message=message,
                                           commit_description=description, revision=f"refs/pr/{num}",
                                           parent_commit=head)

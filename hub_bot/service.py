@@ -10,6 +10,10 @@ One bot per database: a lock file next to it refuses a second one. The lock is h
 stopped: `request_stop()` (what SIGTERM does) only asks; the worker finishes or gives back its current job at its
 next checkpoint, `run_forever` returns, and `stop()` releases the lock last. Every wait of the bot (between jobs,
 between polls, before a publishing retry) ends at once on a stop request.
+
+Jobs run in the bot process (`executor: local`, one at a time) or as Ray tasks (`executor: {ray: ...}`,
+ray_executor.py): then this process is the head, which checks, sizes, dispatches and records, and the worker
+below only runs the checks and records the outcomes.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from .logs import register_secret
 from .planner import Planner
 from .publisher import Publisher
 from .status import add_status_routes
-from .store import LOCAL_OWNER, JobStore
+from .store import LOCAL_OWNER, RAY_OWNER, JobStore
 from .triggers import Poller, add_webhook_route
 from .worker import Hook, Worker
 
@@ -70,6 +74,7 @@ class Bot:
         self.poller = Poller(config, self.api, self.planner)
         self.hooks = hooks
         self.worker: Worker | None = None
+        self.executor = None  # the RayExecutor with `executor: {ray: ...}`
         self.user: str | None = None
         self.url: str | None = None  # base URL of the HTTP server, once started
         self._server: uvicorn.Server | None = None
@@ -112,8 +117,14 @@ class Bot:
         self.worker = Worker(self.config, self.store, self.api, publisher, self.access, self.lineage, self.hooks,
                              stop=self.stopping)
         self.worker.read_only = role == "read"
-        # One bot per database (the lock): the in-process leases of earlier bots belong to dead processes.
-        recovered = self.store.recover(limits.max_attempts, dead_owner_prefix=LOCAL_OWNER)
+        if self.config.ray is not None:
+            from .ray_executor import RayExecutor  # imports ray: only when configured
+
+            self.executor = RayExecutor(self.config, self.store, self.worker, self.api, self.user, self.hooks,
+                                        self.stopping).start()
+        # One bot per database (the lock): the in-process leases of earlier bots belong to dead processes, and
+        # the Ray tasks of an earlier head died with it (Ray ends a dead driver's tasks).
+        recovered = self.store.recover(limits.max_attempts, dead_owner_prefix=(LOCAL_OWNER, RAY_OWNER))
         if recovered:
             logger.warning("recovered %d job(s) interrupted by a previous stop: %s", len(recovered), recovered)
         if self.config.server:
@@ -138,7 +149,7 @@ class Bot:
     def run_pending(self) -> int:
         if self.worker is None:
             raise BotError("Bot.start() first.")
-        return self.worker.run_pending()
+        return (self.executor or self.worker).run_pending()
 
     def request_stop(self) -> None:
         """Ask the bot to stop (safe in a signal handler): no new job, the current one is finished or given back
@@ -149,11 +160,14 @@ class Bot:
     def stop(self) -> None:
         """Stop serving and polling, wait for the worker to stop, then release the database lock."""
         self.request_stop()
-        worker = self.worker
-        if worker is not None and worker.thread == threading.get_ident():
+        runner = self.executor or self.worker
+        if runner is not None and runner.thread == threading.get_ident():
             return  # called from inside the job (e.g. a hook): the worker loop returns first, then stop() again
-        if worker is not None:
-            worker.idle.wait()
+        if runner is not None:
+            runner.idle.wait()
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
         if self._server is not None:
             self._server.should_exit = True
         for t in self._threads:

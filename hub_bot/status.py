@@ -1,5 +1,6 @@
-"""Read-only status: `GET /status` (JSON: counts per state and the latest jobs) and `GET /` (a small HTML
-table with links to sources and variants). Nothing here changes state, and nothing secret is shown (the job
+"""Read-only status: `GET /status` (JSON: counts per state and the latest jobs, each with where it runs or ran:
+`runner` = executor, node, GPU, process, and its `progress` while it runs) and `GET /` (a small HTML table with
+links to sources and variants). Nothing here changes state, and nothing secret is shown (the job
 table holds none).
 
 Jobs whose source is private (or not known to be public) or whose variant is private by config are shown to
@@ -24,7 +25,8 @@ HIDDEN_NAME = "(private)"
 
 def _redacted(doc: dict) -> dict:
     out = dict(doc, source_repo=HIDDEN_NAME, source_sha="", target_repo=HIDDEN_NAME, recipe_hash="",
-               output_repo=None, output_commit=None, output_url=None, source_url=None, results=None)
+               output_repo=None, output_commit=None, output_url=None, source_url=None, results=None,
+               runner=None, progress=None)  # the memory asked for and the layer count would hint at the model
     out["error"] = "(hidden)" if doc.get("error") else None
     return out
 
@@ -43,6 +45,24 @@ def _link(url: str | None, text: str) -> str:
     return f'<a href="{html.escape(url)}">{html.escape(text)}</a>' if url else html.escape(text)
 
 
+def where(runner: dict | None) -> str:
+    """Where a job runs or ran: node, GPU, process (or what it waits for)."""
+    if not runner:
+        return ""
+    if not runner.get("node"):
+        asked = runner.get("asked") or {}
+        return f"waiting for a worker ({asked.get('num_cpus', '?')} CPU, {asked.get('num_gpus', 0)} GPU)"
+    gpu = f" GPU {runner['gpu']}" if runner.get("gpu") else f" {runner.get('device', '')}"
+    return f"{runner.get('executor', '')} {runner['node']}{gpu} pid {runner.get('pid', '?')}".strip()
+
+
+def progress_text(progress: dict | None) -> str:
+    if not progress:
+        return ""
+    count = f" {progress['done']}/{progress['total']}" if progress.get("total") else ""
+    return f"{progress.get('stage', '')}{count}"
+
+
 def status_html(doc: dict) -> str:
     rows = []
     for j in doc["jobs"]:
@@ -51,6 +71,7 @@ def status_html(doc: dict) -> str:
             "<tr>" + "".join(f"<td>{c}</td>" for c in (
                 j["id"], _link(j["source_url"], f"{j['source_repo']}@{j['source_sha'][:10]}"),
                 html.escape(j["recipe_name"]), f'<span class="{j["state"]}">{j["state"]}</span>', j["attempts"],
+                html.escape(where(j.get("runner"))), html.escape(progress_text(j.get("progress"))),
                 _link(j["output_url"], j["output_repo"] or j["target_repo"]), "" if ppl is None else f"{ppl:.2f}",
                 html.escape(j["error"] or ""))) + "</tr>")
     counts = ", ".join(f"{k}: {v}" for k, v in doc["counts"].items())
@@ -60,8 +81,8 @@ def status_html(doc: dict) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
 padding:4px 8px;text-align:left}}.done{{color:green}}.failed{{color:#b00}}.running{{color:#06c}}</style></head>
 <body><h1>Pruning bot</h1><p>Hub: {html.escape(doc['hub'])} &mdash; {counts} &mdash; <a href="status">JSON</a>{note}</p>
-<table><tr><th>job</th><th>source</th><th>recipe</th><th>state</th><th>attempts</th><th>variant</th>
-<th>perplexity</th><th>error</th></tr>
+<table><tr><th>job</th><th>source</th><th>recipe</th><th>state</th><th>attempts</th><th>where</th><th>progress</th>
+<th>variant</th><th>perplexity</th><th>error</th></tr>
 {''.join(rows)}
 </table></body></html>"""
 

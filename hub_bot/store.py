@@ -9,8 +9,13 @@ expiry and someone recovered the job) can no longer record anything. A transient
 counted). Every transition is one transaction. `recover()` puts running jobs whose holder is gone back to `queued`
 (their attempt counted), or fails them when they keep dying.
 
-The in-process worker's owners start with `local:`; one bot per database (its lock file), so at start every
-`local:` lease belongs to a dead process. Leases of other executors are recovered when they expire.
+The in-process worker's owners start with `local:`, the Ray executor's with `ray:` (one owner per claim). One bot
+per database (its lock file), so at start every `local:` lease belongs to a dead process, and every `ray:` lease to
+a dead head whose Ray tasks died with it (Ray ends the tasks of a driver that exits). Leases of other owners are
+recovered when they expire.
+
+While a job runs, its holder records where it runs (`runner`: executor, node, GPU, process) and its progress
+(`progress`: stage, done/total) for the status page.
 
 The table holds no secret: tokens never reach it (error texts are redacted before they are stored).
 """
@@ -30,8 +35,9 @@ from .logs import redact
 logger = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOCAL_OWNER = "local:"
+RAY_OWNER = "ray:"
 
 _COLUMNS = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,6 +63,8 @@ _COLUMNS = """
     output_commit TEXT,
     output_url TEXT,
     results TEXT,
+    runner TEXT,
+    progress TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 """
@@ -97,6 +105,8 @@ class Job:
     output_commit: str | None
     output_url: str | None
     results: dict | None
+    runner: dict | None  # where it runs or ran: executor, node, gpu, pid
+    progress: dict | None  # while it runs: stage, done, total, at
     created_at: float
     updated_at: float
 
@@ -106,7 +116,8 @@ class Job:
         for key in ("private", "permanent", "created_target"):
             data[key] = bool(data[key])
         data["source_private"] = None if data["source_private"] is None else bool(data["source_private"])
-        data["results"] = json.loads(data["results"]) if data["results"] else None
+        for key in ("results", "runner", "progress"):
+            data[key] = json.loads(data[key]) if data[key] else None
         return cls(**data)
 
     @property
@@ -124,8 +135,9 @@ class Job:
         out = {k: getattr(self, k) for k in ("id", "source_repo", "source_sha", "recipe_name", "recipe_hash",
                                              "publish", "target_repo", "state", "attempts", "error", "permanent",
                                              "trigger", "output_repo", "output_commit", "output_url", "results",
-                                             "created_at", "updated_at")}
+                                             "runner", "created_at", "updated_at")}
         out["next_attempt_at"] = self.next_attempt_at if self.state == "queued" else None
+        out["progress"] = self.progress if self.state == "running" else None
         return out
 
 
@@ -163,12 +175,16 @@ class JobStore:
     def _migrate(conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
-        if exists and version < SCHEMA_VERSION:  # schema 1: rebuild the table with the wider job key
+        if exists and version < 2:  # schema 1: rebuild the table with the wider job key
             conn.execute(f"CREATE TABLE jobs_v2 ({_COLUMNS})")
             columns = ", ".join(_V1_COLUMNS)
             conn.execute(f"INSERT INTO jobs_v2 ({columns}) SELECT {columns} FROM jobs")
             conn.execute("DROP TABLE jobs")
             conn.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+            logger.info("job table upgraded to schema %d", SCHEMA_VERSION)
+        elif exists and version < SCHEMA_VERSION:  # schema 2: where a job runs, and its progress
+            for column in ("runner", "progress"):
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
             logger.info("job table upgraded to schema %d", SCHEMA_VERSION)
         elif not exists:
             conn.execute(f"CREATE TABLE jobs ({_COLUMNS})")
@@ -229,16 +245,21 @@ class JobStore:
                  now, job.trigger, now, now))
             return cur.lastrowid, True
 
-    def claim(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
-        """Give the oldest due queued job to `owner` for `lease_s` seconds (`running`, the attempt counted)."""
+    def claim(self, owner: str, lease_s: float, now: float | None = None, one_per_target: bool = False) -> Job | None:
+        """Give the oldest due queued job to `owner` for `lease_s` seconds (`running`, the attempt counted).
+        With `one_per_target`, jobs whose target repo has a running job wait (executors that run jobs at the same
+        time: no two pushes race into one repo or one pull request, and commits of one variant keep their order)."""
         now = time.time() if now is None else now
+        busy = (" AND NOT EXISTS (SELECT 1 FROM jobs AS r WHERE r.state = 'running' AND "
+                "lower(r.target_repo) = lower(jobs.target_repo))") if one_per_target else ""
         with self._tx() as conn:
-            row = conn.execute("SELECT id FROM jobs WHERE state = 'queued' AND next_attempt_at <= ? "
+            row = conn.execute(f"SELECT id FROM jobs WHERE state = 'queued' AND next_attempt_at <= ?{busy} "
                                "ORDER BY next_attempt_at, id LIMIT 1", (now,)).fetchone()
             if row is None:
                 return None
             conn.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, "
-                         "lease_expires = ?, updated_at = ? WHERE id = ?", (owner, now + lease_s, now, row["id"]))
+                         "lease_expires = ?, runner = NULL, progress = NULL, updated_at = ? WHERE id = ?",
+                         (owner, now + lease_s, now, row["id"]))
             return self._row(conn, row["id"])
 
     def renew(self, job_id: int, owner: str, lease_s: float) -> bool:
@@ -247,6 +268,19 @@ class JobStore:
         with self._tx() as conn:
             cur = conn.execute("UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'running' AND "
                                "lease_owner = ? AND lease_expires >= ?", (now + lease_s, job_id, owner, now))
+            return bool(cur.rowcount)
+
+    def report(self, job_id: int, owner: str, runner: dict | None = None, progress: dict | None = None) -> bool:
+        """Record where `owner`'s job runs and/or how far it is (only while it holds the lease)."""
+        assert runner is not None or progress is not None
+        sets, args = [], []
+        for column, value in (("runner", runner), ("progress", progress)):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                args.append(json.dumps(value))
+        with self._tx() as conn:
+            cur = conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state = 'running' AND "
+                               "lease_owner = ?", (*args, job_id, owner))
             return bool(cur.rowcount)
 
     def holds(self, job_id: int, owner: str) -> bool:
@@ -288,9 +322,10 @@ class JobStore:
                                (note, now, now, job_id, owner))
             return bool(cur.rowcount)
 
-    def recover(self, max_attempts: int, dead_owner_prefix: str | None = None, now: float | None = None) -> list[int]:
-        """Running jobs whose holder is gone (lease expired, or owner starting with `dead_owner_prefix`): back to
-        `queued`, or `failed` after `max_attempts` attempts."""
+    def recover(self, max_attempts: int, dead_owner_prefix: str | tuple[str, ...] | None = None,
+                now: float | None = None) -> list[int]:
+        """Running jobs whose holder is gone (lease expired, or owner starting with `dead_owner_prefix`, one prefix
+        or a tuple of them): back to `queued`, or `failed` after `max_attempts` attempts."""
         now = time.time() if now is None else now
         with self._tx() as conn:
             rows = conn.execute("SELECT id, attempts, lease_owner, lease_expires FROM jobs WHERE state = 'running'"

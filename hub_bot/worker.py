@@ -33,7 +33,7 @@ from core import LoadOptions, Recipe
 from . import card
 from .access import Access, AccessSync
 from .config import BotConfig
-from .errors import Interrupted, PermanentJobError, Superseded, classify
+from .errors import Failure, Interrupted, PermanentJobError, Superseded, classify
 from .evaluation import Evaluator
 from .lineage import Lineage
 from .publisher import PR_FOLDER, Publication, Publisher
@@ -43,6 +43,7 @@ from .store import LOCAL_OWNER, Job, JobStore
 logger = logging.getLogger(__name__)
 
 Hook = Callable[[Job], None]
+PROGRESS_EVERY_S = 1.0  # progress within a stage reaches the store at most this often
 
 
 def _round(value: float | None) -> float | None:
@@ -116,6 +117,8 @@ class Worker:
         self.idle.set()
         self.thread: int | None = None  # the thread running the current job
         self._heartbeat: Heartbeat | None = None
+        self._job: Job | None = None
+        self._last_report = 0.0
 
     # ---------------------------------------------------------------- loop
     def run_pending(self) -> int:
@@ -135,26 +138,33 @@ class Worker:
 
     def process(self, job: Job) -> str:
         """Run one claimed job and record its outcome; returns the new state."""
-        fields = job.log_fields
-        logger.info("job started (attempt %d)", job.attempts, extra=fields)
+        logger.info("job started (attempt %d)", job.attempts, extra=job.log_fields)
         self.thread = threading.get_ident()
         started = time.monotonic()
         try:
             with Heartbeat(self.store, job.id, self.owner, self.config.limits.lease_s) as heartbeat:
-                self._heartbeat = heartbeat
+                self._heartbeat, self._job = heartbeat, job
+                self._report(job, runner=self.runner_info())
                 self._hook("claimed", job)
                 publication, results = self._execute(job)
         except Interrupted as why:
-            released = self.store.release(job.id, self.owner, f"released unfinished: {why}")
-            logger.warning("job given back unfinished: %s", why, extra=fields | {"state": "queued" if released
-                                                                                  else "lost"})
-            return "queued"
+            return self.record_interrupted(job, self.owner, str(why))
         except Exception as err:  # KeyboardInterrupt/SystemExit leave the job running: recovered at restart
-            return self._failed(job, err)
+            failure = classify(err)
+            return self.record_failure(job, self.owner, failure, exc_info=err if not failure.permanent else None)
         finally:
-            self.thread, self._heartbeat = None, None
+            self.thread, self._heartbeat, self._job = None, None, None
         results["seconds"] = round(time.monotonic() - started, 2)
-        if not self.store.finish(job.id, self.owner, publication.repo, publication.commit or None,
+        return self.record_done(job, self.owner, publication, results)
+
+    def runner_info(self) -> dict:
+        """Where this worker runs jobs (shown on the status page)."""
+        return {"executor": "local", "node": socket.gethostname(), "pid": os.getpid(), "device": self.config.device}
+
+    # ---------------------------------------------------------------- outcomes (only the lease holder's count)
+    def record_done(self, job: Job, owner: str, publication: Publication, results: dict) -> str:
+        fields = job.log_fields
+        if not self.store.finish(job.id, owner, publication.repo, publication.commit or None,
                                  publication.url or None, results):
             logger.error("job finished but its lease was lost: not recorded here", extra=fields)
             return "lost"
@@ -163,8 +173,16 @@ class Worker:
             "state": "done", "output": publication.repo, "commit": publication.commit[:12]})
         return "done"
 
-    def _failed(self, job: Job, err: Exception) -> str:
-        failure = classify(err)
+    def record_interrupted(self, job: Job, owner: str, why: str) -> str:
+        """The job is given back unfinished (stop request, or its lease was lost): queued, attempt not counted."""
+        released = self.store.release(job.id, owner, f"released unfinished: {why}")
+        logger.warning("job given back unfinished: %s", why, extra=job.log_fields | {
+            "state": "queued" if released else "lost"})
+        return "queued" if released else "lost"
+
+    def record_failure(self, job: Job, owner: str, failure: Failure, exc_info: BaseException | None = None) -> str:
+        """Transient: back to the queue with exponential backoff (at least the Hub's capped Retry-After), until
+        `max_attempts`; permanent: `failed` with the reason, and a repo the job created is deleted."""
         limits = self.config.limits
         retry_at = None
         if not failure.permanent and job.attempts < limits.max_attempts:
@@ -173,12 +191,12 @@ class Worker:
         reason = failure.reason
         if not failure.permanent and retry_at is None:
             reason = f"gave up after {job.attempts} attempts: {reason}"
-        state = self.store.fail(job.id, self.owner, reason, failure.permanent, retry_at)
+        state = self.store.fail(job.id, owner, reason, failure.permanent, retry_at)
         extra = job.log_fields | {"state": state or "lost", "permanent": failure.permanent}
         if state == "queued":
             logger.warning("job failed, retry in %.1fs: %s", retry_at - time.time(), reason, extra=extra)
         elif state == "failed":
-            logger.error("job failed: %s", reason, extra=extra, exc_info=not failure.permanent)
+            logger.error("job failed: %s", reason, extra=extra, exc_info=exc_info)
             self._clean_up(job)
         else:
             logger.error("job failed but its lease was lost: not recorded here (%s)", reason, extra=extra)
@@ -207,14 +225,34 @@ class Worker:
         if self._heartbeat is not None and self._heartbeat.lost.is_set():
             raise Interrupted(f"the job's lease was lost ({where})")
 
+    def _ensure_held(self, job: Job, where: str) -> None:
+        """Right before a push: the job is still this worker's (asked now, not at the last heartbeat)."""
+        if self.stop.is_set():
+            raise Interrupted(f"the bot is stopping ({where})")
+        if not self.store.holds(job.id, self.owner):
+            raise Interrupted(f"the job's lease was lost ({where})")
+
+    def _report(self, job: Job, runner: dict | None = None, progress: dict | None = None) -> None:
+        """Where the job runs and how far it is, for the status page (best effort)."""
+        self.store.report(job.id, self.owner, runner=runner, progress=progress)
+
+    def _mark_created(self, job: Job) -> None:
+        """This job created its target repo (a permanent failure deletes it again)."""
+        self.store.mark_created_target(job.id)
+
     def _checkpoint(self, stage: str, job: Job) -> None:
         """Between stages: give the job back when told to stop or when the lease is gone; then the test hooks."""
         self._interrupt_if_asked(f"after {stage}")
+        self._report(job, progress={"stage": stage, "at": time.time()})
         self._hook(stage, job)
 
     def _progress(self, stage: str, done: int, total: int) -> None:
         """core.prune's progress callback: pruning a big model stops between layers too."""
         self._interrupt_if_asked(f"{stage} {done}/{total}")
+        now = time.monotonic()
+        if self._job is not None and (done == total or now - self._last_report >= PROGRESS_EVERY_S):
+            self._last_report = now
+            self._report(self._job, progress={"stage": stage, "done": done, "total": total, "at": time.time()})
 
     # ---------------------------------------------------------------- one job
     def _execute(self, job: Job) -> tuple[Publication, dict]:
@@ -222,6 +260,10 @@ class Worker:
         if not isinstance(ready, Ready):
             return ready  # superseded, or already published
         self._checkpoint("checked", job)
+        return self.build_and_publish(job, ready)
+
+    def build_and_publish(self, job: Job, ready: Ready) -> tuple[Publication, dict]:
+        """The stages after the checks, in a temp folder removed at the end (what a Ray task runs)."""
         work = self.config.work_dir
         if work:
             work.mkdir(parents=True, exist_ok=True)
@@ -328,7 +370,8 @@ class Worker:
         try:
             publication = self.publisher.publish(job, built.folder, ready.content, built.message, built.description,
                                                  ready.access.for_variant(job.private),
-                                                 on_created=lambda: self.store.mark_created_target(job.id))
+                                                 on_created=lambda: self._mark_created(job),
+                                                 guard=lambda: self._ensure_held(job, "before the push"))
         except Superseded as why:  # a newer commit landed while this one was built
             return self._settled(job, Publication(job.target_repo, "main", "", "", new=False), str(why))
         self._hook("published", job)

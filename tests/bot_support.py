@@ -1,11 +1,14 @@
 """Helpers shared by the bot's end-to-end tests (test_hub_bot.py, test_bot_*.py): a bot config for the local
-Hub, pushing a folder, draining the job queue, posting webhooks, a clean environment for client subprocesses."""
+Hub, pushing a folder, draining the job queue, posting webhooks, a clean environment for client subprocesses, and
+hooks that run inside Ray tasks (module-level functions, so that Ray can pickle them)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -110,3 +113,42 @@ def tiny_source(folder: Path, seed: int = 0, title: str = "Tiny source") -> Path
     save_tiny(tiny_model("llama", seed=seed), folder)
     (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# {title}\n")
     return folder
+
+
+# -------------------------------------------------------------------- hooks that run inside Ray tasks (picklable)
+def pause_at(folder: Path, timeout: float = 600):
+    """A hook that writes `folder/arrived-<job>-<pid>` and waits until `folder/release` (every job) or
+    `folder/release-<attempt>` (the jobs on that attempt) exists: the test sees where the job is, and what runs at
+    the same time, before it lets the job go on."""
+    return functools.partial(_pause, str(folder), timeout)
+
+
+def _pause(folder: str, timeout: float, job) -> None:
+    path = Path(folder)
+    (path / f"arrived-{job.id}-{os.getpid()}").write_text(str(job.attempts))
+    deadline = time.monotonic() + timeout
+    while not ((path / "release").exists() or (path / f"release-{job.attempts}").exists()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path / 'release'} never appeared")
+        time.sleep(0.1)
+
+
+def arrivals(folder: Path) -> list[tuple[int, int]]:
+    """(job id, pid) of the jobs that reached a `pause_at` hook."""
+    return sorted(tuple(int(x) for x in p.name.split("-")[1:]) for p in folder.glob("arrived-*"))
+
+
+def kill_first_attempt(job) -> None:
+    """A hook that SIGKILLs the process running the job's first attempt (e.g. right after its push)."""
+    if job.attempts == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_until(predicate, timeout: float = 300, what: str = "the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

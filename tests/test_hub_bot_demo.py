@@ -24,3 +24,17 @@ def test_demo_publishes_and_loads_two_variants(tmp_path):
     assert "equal logits" in proc.stdout
     assert "2 variant(s) published and loaded by name" in proc.stdout
     assert not re.search(r"hf_[A-Za-z0-9]{34}", proc.stdout + proc.stderr)  # the demo's tokens are never logged
+
+
+@pytest.mark.slow
+def test_demo_on_ray_publishes_every_variant_once(tmp_path):
+    """`demo --executor ray`: two sources x two recipes as Ray tasks on a local Ray instance of two workers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env["RAY_memory_monitor_refresh_ms"] = "0"  # Ray's OOM killer counts the shared test machine's memory
+    proc = subprocess.run([sys.executable, "-m", "hub_bot", "demo", "--executor", "ray", "--workdir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("| pruners/")]) == 4
+    assert "4 variant(s) published and loaded by name" in proc.stdout
+    assert "bot commits per variant: [1, 1, 1, 1]" in proc.stdout
+    assert not re.search(r"hf_[A-Za-z0-9]{34}", proc.stdout + proc.stderr)

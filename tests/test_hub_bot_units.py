@@ -332,10 +332,13 @@ def test_library_warnings_go_through_the_json_log(capfd):
 
     hf_logging.get_logger("transformers.modeling_utils")  # transformers has set up its own handler by now
     stream = io.StringIO()
+    verbosity = hf_logging.get_verbosity()  # a CLI test in this process may have set it to error (core/entry.py)
     with logging_restored():
+        hf_logging.set_verbosity_warning()
         setup_logging("INFO", "json", stream=stream)
         hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
         warnings.warn("a python warning", UserWarning)
+    hf_logging.set_verbosity(verbosity)
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [r["logger"] for r in records] == ["transformers.modeling_utils", "py.warnings"]
     assert "a transformers warning" in records[0]["msg"] and "a python warning" in records[1]["msg"]
