@@ -56,6 +56,11 @@ SHAPES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
                rope_theta=500000.0, rms_norm_eps=1e-5),
+    # the 1b shapes with 2 decoder layers: the per-layer work of the 1b model at an eighth of its cost (for the slow
+    # per-layer scores, e.g. SparseGPT against Wanda on a busy machine)
+    "1b_2l": dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                  intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
+                  rope_theta=500000.0, rms_norm_eps=1e-5),
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                   intermediate_size=2048, vocab_size=32768, tie_word_embeddings=True, max_position_embeddings=4096,
                   rope_theta=500000.0, rms_norm_eps=1e-5),
@@ -76,6 +81,12 @@ CASES = {
     # SlimLLM at fixed ratios of the prunable parameters (heads + MLP), next to the magnitude scores
     "slimllm_20": ("slimllm", None, {}, 0.2),
     "slimllm_50": ("slimllm", None, {}, 0.5),
+    # unstructured / 2:4 sparsity of every decoder linear (SparseGPT's Hessian inverse against Wanda's norms)
+    "sparsity_magnitude_24": ("sparsity", "magnitude", {"pattern": "2:4"}, 0.5),
+    "sparsity_wanda_24": ("sparsity", "wanda", {"pattern": "2:4"}, 0.5),
+    "sparsity_sparsegpt_24": ("sparsity", "sparsegpt", {"pattern": "2:4"}, 0.5),
+    "sparsity_wanda_50": ("sparsity", "wanda", {}, 0.5),
+    "sparsity_sparsegpt_50": ("sparsity", "sparsegpt", {}, 0.5),
 }
 
 MIB = 1024 ** 2

@@ -1,4 +1,5 @@
-"""Structured pruning of Hugging Face causal LMs: width (MLP neurons), attention heads (GQA-aware) and depth.
+"""Structured pruning of Hugging Face causal LMs: width (MLP neurons), attention heads (GQA-aware) and depth; plus
+unstructured and N:M sparsity, alone or stacked after a structured stage.
 
 Public API:
     load_model(name, LoadOptions(...)) -> (model, tokenizer)
@@ -17,8 +18,8 @@ from .export import save_pruned  # noqa: E402
 from .memory import estimate_memory  # noqa: E402
 from .model_io import LoadOptions, load_model, load_pruned  # noqa: E402
 from .prune import PruneResult, prune, run_recipe  # noqa: E402
-from .recipe import LoadConfig, Recipe  # noqa: E402
+from .recipe import LoadConfig, Recipe, Stage  # noqa: E402
 
 __all__ = ["CalibrationConfig", "LayerSelection", "LoadConfig", "LoadOptions", "PruneResult", "PruningError",
-           "Recipe", "Target", "estimate_memory", "load_model", "load_pruned", "prune", "run_recipe", "save_pruned",
-           "__version__"]
+           "Recipe", "Stage", "Target", "estimate_memory", "load_model", "load_pruned", "prune", "run_recipe",
+           "save_pruned", "__version__"]

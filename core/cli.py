@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", help="head pruning: kv_group (default) or query")
     p.add_argument("--unit", help="depth pruning: block (default), attention or mlp")
     p.add_argument("--layers", type=_int_list, help="depth pruning: remove exactly these units, e.g. 3,5")
+    p.add_argument("--pattern", help="sparsity: unstructured (default) or N:M, e.g. 2:4 (the ratio is then 1 - N/M)")
+    p.add_argument("--then", action="append", metavar="'METHOD KEY=VALUE ...'",
+                   help="a further stage after this one, e.g. --then 'sparsity score=sparsegpt pattern=2:4' "
+                        "(keys: score, ratio, param_ratio, target_params, ... ; others are method options; repeatable)")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--dense", dest="sparse_format", action="store_const", const="dense",
+                   help="sparsity: store the zeros in plain dense weights (default; loads anywhere)")
+    f.add_argument("--compressed", dest="sparse_format", action="store_const", const="compressed",
+                   help="sparsity: compressed-tensors bitmask layout (less disk; load with core.load_pruned)")
     p.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE", default=None,
                    help="any method option, e.g. --option greedy=false --option alpha=8 (repeatable)")
     p.add_argument("--calib", help="calibration: builtin, a .txt/.jsonl file, or dataset:NAME[:CONFIG]")
@@ -127,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="architecture and parameter counts (no weights are loaded)")
     _add_load_args(i)
+    i.add_argument("--sparsity", action="store_true", help="measure zeros per layer and bytes on disk against "
+                   "dense (local folders; reads the weights one tensor at a time; automatic for compressed ones)")
     e = sub.add_parser("eval", help="perplexity and parameter counts of a model (or two, side by side)")
     _add_load_args(e)
     e.add_argument("--compare", help="a second model evaluated the same way, shown side by side")
@@ -154,10 +165,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe_from_args(args: argparse.Namespace):
-    from .recipe import Recipe
+_STAGE_TARGETS = ("ratio", "param_ratio", "target_params", "expansion_rate", "width")
 
-    from .recipe import recipe_data
+
+def _stage(text: str) -> dict:
+    """'METHOD key=value ...' -> a stage mapping; keys that are not stage fields become method options."""
+    import shlex
+
+    from .methods.sparsity import implied_target
+
+    words = shlex.split(text)
+    if not words or "=" in words[0]:
+        raise RecipeError(f"--then needs a method first, e.g. --then 'sparsity score=wanda ratio=0.5' (got {text!r}).")
+    stage: dict = {"method": words[0]}
+    for word in words[1:]:
+        try:
+            key, value = _option(word)
+        except argparse.ArgumentTypeError as err:
+            raise RecipeError(f"--then {text!r}: {err}") from None
+        if key == "pattern":  # YAML would read 2:4 as a base-60 number
+            value = word.partition("=")[2].strip()
+        if key in _STAGE_TARGETS:
+            stage.setdefault("target", {})[key] = parse_count(str(value)) if key == "target_params" else value
+        elif key in ("protect_first", "protect_last"):
+            stage.setdefault("layers", {})[key] = value
+        elif key in ("score", "round_to"):
+            stage[key] = value
+        else:
+            stage.setdefault("options", {})[key] = value
+    if "target" not in stage:
+        stage["target"] = implied_target(stage.get("options", {}))
+    if stage["target"] is None:
+        raise RecipeError(f"--then {text!r} has no target: add e.g. ratio=0.5.")
+    return stage
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from .methods.sparsity import implied_target
+    from .recipe import Recipe, recipe_data
 
     data: dict = recipe_data(args.recipe) if args.recipe else {}
 
@@ -176,7 +221,7 @@ def _recipe_from_args(args: argparse.Namespace):
     put("layers", "ratios", args.layer_ratios)
     put("layers", "protect_first", args.protect_first)
     put("layers", "protect_last", args.protect_last)
-    for key in ("mode", "unit", "layers"):
+    for key in ("mode", "unit", "layers", "pattern"):
         put("options", key, getattr(args, key))
     for key, value in args.option or []:
         put("options", key, value)
@@ -187,6 +232,10 @@ def _recipe_from_args(args: argparse.Namespace):
         put("load", key, getattr(args, key))
     if "method" not in data:
         raise RecipeError("No method given: pass --method (see `python -m core methods`) or --recipe FILE.")
+    if args.then:
+        data["then"] = [*data.get("then", []), *(_stage(text) for text in args.then)]
+    if "target" not in data and implied_target(data.get("options") or {}):
+        data["target"] = implied_target(data["options"])
     if "target" not in data and args.layer_ratios:
         data["target"] = {"ratio": sum(args.layer_ratios) / len(args.layer_ratios)}  # informational only
     if "target" not in data:
@@ -253,23 +302,28 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 # -- commands ---------------------------------------------------------------------------------------------------------
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from .card import reload_note
-    from .export import check_output, save_pruned
+    from .card import reload_note, stage_names
+    from .export import check_output, check_sparse_format, save_pruned
     from .prune import normalize, run_recipe
 
     _check_prune_args(args)
     recipe = normalize(_recipe_from_args(args))  # method, score, options and target checked before loading
+    sparse_format = args.sparse_format or "dense"
+    check_sparse_format(recipe, sparse_format)
     protect = _check_recipe(recipe)
     check_output(args.out, args.overwrite, protect)  # fail before a long pruning run, not after it
     result = run_recipe(recipe, bars=_bars(args), stream=args.stream, out_dir=args.out,
                         offload_hidden=args.offload_hidden)
-    out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                      sparse_format=sparse_format)
     summary = result.summary()
     lines = [
-        f"method      {result.recipe.method} ({result.recipe.score or '-'})",
+        f"method      {' -> '.join(stage_names(result.recipe))}",
         f"parameters  {summary['params_before']:,} -> {summary['params_after']:,} "
         f"({summary['params_removed_fraction']:.1%} removed)",
         f"layers      {summary['num_layers'][0]} -> {summary['num_layers'][1]}",
+        *([f"sparsity    {summary['sparsity']['sparsity']:.1%} of the decoder-block linear weights are zero "
+           f"({sparse_format} weights)"] if "sparsity" in summary else []),
         f"layout      {reload_note(summary)}",
         f"time        {summary['prune_seconds']:.1f} s",
         f"written to  {out}",
@@ -311,6 +365,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         f"attention {p['attention']:,} + mlp {p['mlp']:,} + norms {p['total'] - p['embeddings'] - p['lm_head'] - p['attention'] - p['mlp']:,}",
         f"memory      a data-driven prune on CPU {estimate_memory(config).describe()}",
     ]
+    from .sparse_format import folder_report, sparsity_config
+
+    if Path(name).is_dir() and (args.sparsity or sparsity_config(config) is not None):
+        sp = info["sparsity"] = folder_report(name, count_dense_zeros=True)
+        lines += [f"sparsity    {sp['sparsity']:.2%} of the decoder-block linear weights are zero ({sp['format']})",
+                  f"disk        {sp['disk_bytes'] / 1e6:.2f} MB of weights vs {sp['dense_bytes'] / 1e6:.2f} MB dense "
+                  f"({sp['disk_vs_dense']:.1%}; bitmask/index {sp['index_bytes'] / 1e6:.2f} MB)"]
+        lines += [f"  layer {l['layer']:>3}: {l['sparsity']:.1%} zero" for l in sp["layers"]]
     if info["per_layer"]:
         lines += [f"  layer {l['layer']:>3}: heads {l['num_attention_heads']}/{l['num_key_value_heads']} "
                   f"mlp {l['intermediate_size']} skip {','.join(l.get('skip', [])) or '-'}" for l in info["layers"]]
@@ -390,6 +452,21 @@ def _not_timeable(models: list) -> str | None:
     return None
 
 
+def _sparse_kernels(results: list[dict], models: list, args: argparse.Namespace) -> None:
+    """Each model's 2:4 linears on torch's semi-structured sparse kernels against the same weights on dense ones,
+    interleaved (GPU only; on CPU a note that sparsity gives no speed-up there)."""
+    from .semi_structured import sparse_kernel_speed
+    from .speed import measure_speed
+    from .streaming import is_streamed, whole
+
+    def measure(m):
+        return measure_speed(m, args.prompt_tokens, args.new_tokens, repeats=args.repeats, warmup=args.warmup)
+
+    for result, model in zip(results, models):
+        with whole(model) if is_streamed(model) else contextlib.nullcontext():
+            result["sparse_kernels"] = sparse_kernel_speed(model, measure)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Numbers of MODEL, and with --compare REF those of REF next to them and MODEL relative to REF."""
     from .speed import compare_timings, speed_ratios
@@ -410,6 +487,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     elif args.speed:
         for result, speed in zip(results, _speed(models, args)):
             result["speed"] = speed
+        _sparse_kernels(results, models, args)
     del models
     speeds = args.speed and not why_not
     if why_not:
@@ -445,6 +523,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         payload["ratios"] = ratios
         lines.append(f"{a['model']} relative to {b['model']}:")
         lines += [f"  {part}" for part in parts]
+    for r in results if speeds else []:
+        sk = r["sparse_kernels"]
+        lines.append(f"2:4 kernels ({r['model'][-30:]}): " + (
+            f"{sk['converted']}/{sk['linears']} linears, speed-up " + ", ".join(
+                f"{k} {v:.3f}" for k, v in sk["speedup_median"].items()) if sk["converted"] else sk["note"]))
     _emit(args, payload, lines)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from .card import base_license, is_local_name, model_card, public_model_name
+from .card import base_license, is_local_name, model_card, public_model_name, sparsity_section, stage_names
+from .errors import RecipeError
 from .prune import PruneResult
 from .staging import check_target, is_staging_of, staged_output
 
@@ -18,7 +19,11 @@ logger = logging.getLogger(__name__)
 RECIPE_FILE = "pruning_recipe.yaml"
 
 
-def load_snippet(result: PruneResult, repo: str) -> str:
+def load_snippet(result: PruneResult, repo: str, sparse_format: str = "dense") -> str:
+    if sparse_format == "compressed":
+        return ("# compressed sparse weights: transformers 5 no longer decompresses this compressed-tensors format\n"
+                "import core\n"
+                f"model = core.load_pruned({repo!r})")
     if result.uniform:
         return ("from transformers import AutoModelForCausalLM\n"
                 f"model = AutoModelForCausalLM.from_pretrained({repo!r})")
@@ -60,18 +65,23 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, protect: t
 
 
 def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool = False,
-                max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None) -> Path:
+                max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None,
+                sparse_format: str = "dense") -> Path:
     """Write the pruned model to `out_dir` atomically (see `core.staging`). Returns the final path.
 
     A streamed result (see core.streaming) already wrote its changed blocks, into the staging folder of this
     output when `run_recipe` was given it: that folder is completed and moved into place, and the result's
-    model then streams from the output."""
+    model then streams from the output.
+
+    sparse_format: 'dense' (zeros stored as such) or 'compressed' (compressed-tensors bitmask formats for the
+    linears that hold zeros; see core.sparse_format)."""
+    check_sparse_format(result.recipe, sparse_format)
     out = check_output(out_dir, overwrite)
     stream = getattr(result.model, "core_stream", None)
     adopt = stream.work if stream is not None and is_staging_of(stream.work, out) else None
     try:
         with staged_output(out, overwrite, adopt=adopt) as tmp:
-            _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {}, out)
+            _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {}, out, sparse_format)
     except BaseException:
         if adopt is not None:  # the run's written blocks were in the removed folder
             stream.close()
@@ -125,19 +135,41 @@ def _save_streamed(model, folder: Path, max_shard_size: str) -> None:
         model.generation_config.save_pretrained(folder)
 
 
+def check_sparse_format(recipe, sparse_format: str) -> None:
+    """Raise unless `sparse_format` is known and, when compressed, the recipe has a sparsity stage."""
+    from .sparse_format import COMPRESSED, FORMATS
+
+    if sparse_format not in FORMATS:
+        raise RecipeError(f"Unknown sparse format {sparse_format!r}; use one of {', '.join(FORMATS)}.")
+    if sparse_format == COMPRESSED and not any(s.method == "sparsity" for s in recipe.stages()):
+        raise RecipeError("Only a recipe with a sparsity stage leaves zeros to compress; drop --compressed.")
+
+
 def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict,
-           final_folder: Path) -> None:
+           final_folder: Path, sparse_format: str = "dense") -> None:
     model = result.model
     _save_weights(model, folder, max_shard_size)
+    if sparse_format == "compressed":
+        from torch import nn
+
+        from .sparse_format import write_compressed
+
+        write_compressed(folder, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     if result.tokenizer is not None:
         result.tokenizer.save_pretrained(folder)
     doc = recipe_document(result, final_folder)
     recipe_yaml = yaml.safe_dump(doc, sort_keys=False)
     (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     summary = dict(doc["result"], method=result.recipe.method, score=result.recipe.score,
-                   license=base_license(result.base_model, result.base_revision))
+                   license=base_license(result.base_model, result.base_revision), stages=stage_names(result.recipe))
     card = model_card(summary, yaml.safe_dump(public_recipe(result.recipe, final_folder), sort_keys=False), repo_name,
-                      load_snippet(result, repo_name))
+                      load_snippet(result, repo_name, sparse_format))
+    if "sparsity" in doc["result"]:
+        from .sparse_format import folder_report
+
+        card.text = card.text.rstrip() + "\n\n" + sparsity_section(doc["result"]["sparsity"], result.recipe,
+                                                                   folder_report(folder, count_dense_zeros=False),
+                                                                   sparse_format)
     card.save(folder / "README.md")
     for name, content in extra_files.items():
         (folder / name).write_text(content, encoding="utf-8")

@@ -107,8 +107,9 @@ def _needs_logits(recipe) -> bool:
     if recipe is None or recipe.method != "depth":
         return False
     from .scores import DEPTH_SCORES
+    from .scores.depth import RENAMED
 
-    score = recipe.score or "cosine"
+    score = RENAMED.get(recipe.score, recipe.score) or "cosine"
     return score in DEPTH_SCORES and DEPTH_SCORES.get(score).kind == "subnetwork"
 
 

@@ -139,6 +139,10 @@ def load_model(name: str | None = None, opts: LoadOptions = LoadOptions()):
         return load_streamed(name, opts)
     config = load_config(name, opts)
     spec = spec_for_config(config)
+    from .sparse_format import load_compressed, sparsity_config
+
+    if sparsity_config(config) is not None:  # compressed-tensors sparse weights: decompressed by us
+        return load_compressed(name, opts, load_model)
     _check_weights_format(name, opts.allow_pickle, opts.subfolder)
     device = resolve_device(opts.device)
     kwargs = dict(_hub_kwargs(opts), config=config, dtype=_torch_dtype(opts.dtype, device, config),

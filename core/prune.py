@@ -20,7 +20,7 @@ from .model_io import (LoadOptions, can_stream, compute_dtype, load_config, load
                        resolve_model_name)
 from .params import count_parameters
 from .progress import Progress, ProgressCallback
-from .recipe import Recipe
+from .recipe import STAGE_FIELDS, Recipe, Stage
 from .scores import MLP_SCORES
 from .streaming import drop_head, reopen
 
@@ -28,7 +28,19 @@ logger = logging.getLogger(__name__)
 
 
 def normalize(recipe: Recipe) -> Recipe:
-    """Resolve shorthands (`method: maw` means MLP width pruning scored by maw) and validate for the method."""
+    """Resolve shorthands (`method: maw` means MLP width pruning scored by maw) and validate every stage for its
+    method; a structured stage after an N:M sparsity stage (which would break its groups) is refused."""
+    stages = [_normalize_stage(stage) for stage in recipe.stages()]
+    for n, (before, after) in enumerate(zip(stages, stages[1:]), 2):
+        if before.method == "sparsity" and after.method != "sparsity" and \
+                ":" in str(before.options.get("pattern", "")):
+            raise RecipeError(f"Stage {n} ({after.method}) would slice the N:M groups that stage {n - 1} made. Put "
+                              "structured stages before the sparsity stage.")
+    first, rest = stages[0], stages[1:]
+    return first.replace(then=tuple(Stage(**{k: getattr(s, k) for k in STAGE_FIELDS}) for s in rest))
+
+
+def _normalize_stage(recipe: Recipe) -> Recipe:
     if recipe.method not in METHODS and recipe.method in MLP_SCORES:
         if recipe.score not in (None, recipe.method):
             raise RecipeError(f"Method {recipe.method!r} is shorthand for mlp_width with score {recipe.method!r}, "
@@ -42,6 +54,7 @@ def normalize(recipe: Recipe) -> Recipe:
                                f"or an MLP score as shorthand for mlp_width: {', '.join(MLP_SCORES)}.")
     method = METHODS.get(recipe.method)
     method.validate(recipe)
+    recipe = method.canonical(recipe)
     if recipe.score is None and method.default_score:
         recipe = recipe.replace(score=method.default_score)
     return recipe
@@ -90,6 +103,7 @@ class PruneResult:
             "prune_seconds": round(self.seconds, 3),
             "method_report": self.report,
             "layers": self.layers(),
+            **({"sparsity": self.extra["sparsity"]} if "sparsity" in self.extra else {}),
         }
 
 
@@ -108,12 +122,12 @@ def _hub_revision(name: str, revision: str | None) -> str | None:
 
 def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallback | None = None,
           bars: bool = False, base_model: str | None = None, offload_hidden: bool = False) -> PruneResult:
-    """Prune `model` in place according to `recipe`. A streamed model (`LoadOptions(stream=True)`) is pruned one
-    block at a time; its changed blocks wait on disk until `save_pruned`. `offload_hidden` keeps the calibration
-    hidden states in CPU memory between blocks (for many calibration tokens on a GPU)."""
+    """Prune `model` in place according to `recipe` (every stage, in order). A streamed model
+    (`LoadOptions(stream=True)`) is pruned one block at a time; its changed blocks wait on disk until
+    `save_pruned`. `offload_hidden` keeps the calibration hidden states in CPU memory between blocks (for many
+    calibration tokens on a GPU)."""
     recipe = normalize(recipe)
     spec = spec_for_config(model.config)
-    method = METHODS.get(recipe.method)
     stream = getattr(model, "core_stream", None)
     if stream is None and any(p.is_meta for p in model.parameters()):
         raise ModelLoadError("Some weights were offloaded to disk by the device map (they sit on 'meta'); pruning "
@@ -122,28 +136,41 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
     if stream is not None:  # refused before the first block if even one block at a time cannot fit
         check_fits(model.config, recipe, str(stream.device), stream.dtype, True, offload_hidden)
     prog = Progress(progress, bars)
-    ctx = PruneContext(model, tokenizer, spec, recipe, prog, store_device="cpu" if offload_hidden else None)
     before = count_parameters(model, spec)
+    stages = recipe.stages()
+    reports, calibration, extra = [], None, {}
+    store_device = "cpu" if offload_hidden else None
     start = time.perf_counter()
     try:
-        report = method.run(ctx)
+        for stage in stages:
+            ctx = PruneContext(model, tokenizer, spec, stage, prog, store_device=store_device,
+                               _calibration=calibration)
+            stage_before = count_parameters(model, spec)["total"]
+            report = METHODS.get(stage.method).run(ctx)
+            calibration = ctx._calibration if stage.calibration == recipe.calibration else None
+            _check_target(stage, stage_before, count_parameters(model, spec)["total"])
+            reports.append({"method": stage.method, "score": stage.score, "report": report})
+        if any(s.method == "sparsity" for s in stages):  # measured while the blocks can still be read
+            from .sparse_format import measure_sparsity
+
+            extra["sparsity"] = measure_sparsity(model, spec)
         if stream is not None:  # the last block's changes reach the disk; the head leaves memory
             stream.release()
             drop_head(model)
     finally:
         prog.close()
     seconds = time.perf_counter() - start
-    after = count_parameters(model, spec)["total"]
-    if after == before["total"] and getattr(method, "changes_shapes", True):
+    name = base_model or recipe.model or getattr(model.config, "_name_or_path", "") or "unknown"
+    needs_data = any(METHODS.get(s.method).needs_data(s) for s in stages)
+    if count_parameters(model, spec)["total"] == before["total"] and not extra.get("sparsity", {}).get("zeros"):
         raise InvalidTargetError(f"The target removed nothing from the model (method {recipe.method}): raise the "
                                  "ratio or choose a larger unit.")
-    _check_target(recipe, before["total"], after)
-    name = base_model or recipe.model or getattr(model.config, "_name_or_path", "") or "unknown"
     return PruneResult(
         model=model, tokenizer=tokenizer, recipe=recipe, spec=spec, params_before=before,
-        params_after=count_parameters(model, spec), report=report, seconds=seconds, base_model=name,
+        params_after=count_parameters(model, spec), report=reports[0]["report"] if len(reports) == 1 else
+        {"stages": reports}, seconds=seconds, base_model=name,
         base_revision=_hub_revision(name, recipe.revision) if name != "unknown" else None,
-        calibration=recipe.calibration.describe() if method.needs_data(recipe) else None,
+        calibration=recipe.calibration.describe() if needs_data else None, extra=extra,
     )
 
 
@@ -178,7 +205,8 @@ def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: b
     streamed = can_stream(name, opts) if stream is None else stream
     # weights only: scores compute in float32 from their own copies and surgery only slices, so streamed blocks
     # stay in the checkpoint's dtype while pruning (half the memory, no casts; the result is the same bit for bit)
-    in_source_dtype = streamed and load.dtype == "auto" and not METHODS.get(recipe.method).needs_data(recipe)
+    in_source_dtype = streamed and load.dtype == "auto" and \
+        not any(METHODS.get(s.method).needs_data(s) for s in recipe.stages())
     if not opts.device_map:  # refused before loading anything when it cannot fit (accelerate places device maps)
         check_fits(load_config(name, opts), recipe, resolve_device(opts.device),
                    "source" if in_source_dtype else opts.dtype, streamed, offload_hidden)

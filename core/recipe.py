@@ -29,6 +29,22 @@ class LoadConfig:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A further pruning step run after the recipe's own (stacking, e.g. SlimLLM then 2:4 sparsity). It shares the
+    recipe's model, calibration data, batch size, seed and load settings."""
+
+    method: str
+    target: Target
+    score: str | None = None
+    round_to: int = 1
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    options: dict = field(default_factory=dict)
+
+
+STAGE_FIELDS = ("method", "target", "score", "round_to", "layers", "options")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that determines a pruning run. `model: null` means the shipped reference model."""
 
@@ -44,6 +60,7 @@ class Recipe:
     batch_size: int = 8
     seed: int = 0
     load: LoadConfig = field(default_factory=LoadConfig)
+    then: tuple[Stage, ...] = ()  # further stages, run in order after this one
 
     def __post_init__(self) -> None:
         if self.round_to < 1:
@@ -52,7 +69,15 @@ class Recipe:
             raise RecipeError(f"batch_size must be >= 1 (got {self.batch_size}).")
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        data = _to_plain(self)
+        if not self.then:  # single-stage recipes keep their former layout (and the bot's recipe hashes)
+            data.pop("then")
+        return data
+
+    def stages(self) -> list["Recipe"]:
+        """One single-stage recipe per stage, in order (the first is this recipe without `then`)."""
+        return [self.replace(then=())] + [self.replace(then=(), **{k: getattr(s, k) for k in STAGE_FIELDS})
+                                          for s in self.then]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -74,7 +99,8 @@ class Recipe:
 
 
 def parse_recipe_yaml(text: str, where: str = "The recipe") -> dict:
-    """The mapping of a recipe's YAML text, without the `result` section that exported recipes carry."""
+    """The mapping of a recipe's YAML text (see `recipe_mapping`), without the `result` section that exported
+    recipes carry."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -82,8 +108,26 @@ def parse_recipe_yaml(text: str, where: str = "The recipe") -> dict:
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(f"{where} is not valid YAML{at}: {problem}. Fix the file or write it again.") from None
+    return recipe_mapping(data, where)
+
+
+def recipe_mapping(data: Any, where: str = "The recipe") -> dict:
+    """A recipe document as one mapping: a YAML list of stages becomes its first stage plus `then:` (the first
+    item carries the shared fields: model, calibration, ...); a written recipe's `result:` section is dropped."""
+    if isinstance(data, list):
+        if not data or not all(isinstance(item, dict) for item in data):
+            raise RecipeError(f"{where} must be a YAML mapping (method:, target:, ...) or a list of such mappings, "
+                              "one per stage.")
+        for n, item in enumerate(data[1:], 2):
+            shared = sorted(set(item) - set(STAGE_FIELDS))
+            if shared:
+                raise RecipeError(f"Stage {n} of the recipe sets {shared[0]!r}; later stages may only set "
+                                  f"{', '.join(STAGE_FIELDS)} (the first stage holds the shared settings).")
+        data = dict(data[0], then=[*data[0].get("then", []), *data[1:]])
     if not isinstance(data, dict):
-        raise RecipeError(f"{where} must be a YAML mapping (method:, target:, ...), not {type(data).__name__}.")
+        raise RecipeError(f"{where} must be a YAML mapping (method:, target:, ...) or a list of stages, not "
+                          f"{type(data).__name__}.")
+    data = dict(data)
     data.pop("result", None)  # recipes written next to checkpoints carry their results
     return data
 

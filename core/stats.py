@@ -1,6 +1,9 @@
 """Statistics collected on one decoder layer during a calibration forward (hooks live only on that layer)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -21,6 +24,90 @@ class InputNorms:
 
     def norm(self, name: str) -> torch.Tensor:
         return self.sq[name].sqrt()
+
+
+class InputGram:
+    """Accumulates X^T X ([in, in], float32) over the calibration tokens of each watched Linear's input."""
+
+    def __init__(self) -> None:
+        self.gram: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, module: nn.Module, inputs: tuple, output) -> None:
+        x = inputs[0].detach().flatten(0, -2).float()
+        if name not in self.gram:
+            self.gram[name] = x.new_zeros(x.shape[1], x.shape[1])
+        add_gram_(self.gram[name], x)
+
+
+def add_gram_(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
+    """acc += X^T X, computing only the blocks on and above the diagonal (10 of 16 products for wide inputs)."""
+    n = x.shape[1]
+    if n < 1024:
+        acc.addmm_(x.T, x)
+        return
+    edges = [n * b // blocks for b in range(blocks + 1)]
+    for a in range(blocks):
+        ra = slice(edges[a], edges[a + 1])
+        for b in range(a, blocks):
+            rb = slice(edges[b], edges[b + 1])
+            block = x[:, ra].T @ x[:, rb]
+            acc[ra, rb] += block
+            if b != a:
+                acc[rb, ra] += block.T
+
+
+class TaylorSquares:
+    """On a decoder block: accumulates (w * dL/dw)^2 of the watched Linears' weights, with L = <r, f(x)> for random
+    Gaussian directions r over the block output f(x) (`probes` per batch). In expectation over r this is
+    sum over tokens and output features of (w * df/dw)^2: the squared first-order change of the block's output
+    when w is removed. Use as `collect(runner, i, {"block": (layer, stats)})` inside `with stats.watching(layer)`.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], probes: int = 8, seed: int = 0) -> None:
+        self.modules, self.probes = modules, probes
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sq: dict[str, torch.Tensor] = {}
+        self.samples = 0
+
+    @contextmanager
+    def watching(self, block: nn.Module) -> Iterator[None]:
+        """Gradients only for the watched weights; the block's forward runs with autograd on (calibration passes
+        run under no_grad, so a pre-hook switches it on and the forward hook switches it off again)."""
+        saved = [(p, p.requires_grad) for p in block.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(False)
+        for m in self.modules.values():
+            m.weight.requires_grad_(True)
+        def grad_on(mod, args) -> None:  # a pre-hook's return value would replace the block's inputs
+            torch.set_grad_enabled(True)
+
+        handle = block.register_forward_pre_hook(grad_on)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    def __call__(self, name: str, module: nn.Module, inputs: tuple, output):
+        out = _first(output)
+        weights = [m.weight for m in self.modules.values()]
+        try:
+            for k in range(self.probes):
+                r = torch.randn(out.shape, generator=self.gen).to(out)
+                grads = torch.autograd.grad((out * r).sum(), weights, retain_graph=k < self.probes - 1)
+                for key, w, g in zip(self.modules, weights, grads):
+                    term = (w.detach().float() * g.float()).pow(2)
+                    self.sq[key] = self.sq[key] + term if key in self.sq else term
+            self.samples += self.probes
+        finally:
+            torch.set_grad_enabled(False)
+        if isinstance(output, tuple):
+            return (out.detach(), *output[1:])
+        return out.detach()
+
+    def mean(self, key: str) -> torch.Tensor:
+        return self.sq[key] / max(self.samples, 1)
 
 
 class HeadContributions:

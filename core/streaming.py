@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -177,7 +179,10 @@ def reopen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     new = open_streamed(store.source.folder, model.config, store.device, dtype, store.source_dtype, check=False)
     new_store = new.core_stream
     new_store.source, new_store.origins = store.source, store.origins
-    new_store.work, new_store._finalizer, new_store._count = store.work, store._finalizer, store._count
+    new_store.work, new_store._count = store.work, store._count
+    if store._finalizer is not None and store._finalizer.detach() is not None:
+        # a finalizer is bound to its object: the old store, once collected, would delete the work folder
+        new_store._finalizer = weakref.finalize(new_store, shutil.rmtree, str(store.work), True)
     new_store.loads, new_store.writes = store.loads, store.writes
     store.work = store._finalizer = None
     new.source_dtype = model.source_dtype

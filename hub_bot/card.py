@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard
 
-from core.card import add_comparison, model_card
+from core.card import add_comparison, model_card, sparsity_section
 from core.compare import Comparison
 from core.export import load_snippet, recipe_document
 from core.prune import PruneResult
@@ -78,6 +78,8 @@ def variant_card(result: PruneResult, source: Source, repo_name: str, comparison
     summary = dict(view.summary(), method=view.recipe.method, score=view.recipe.score, license=terms.get("license"))
     card = model_card(summary, yaml.safe_dump(view.recipe.to_dict(), sort_keys=False), repo_name,
                       snippet or load_snippet(view, repo_name))
+    if "sparsity" in summary:  # the measured zeros per layer (written dense: shapes and bytes as the source's)
+        card.text = card.text.rstrip() + "\n\n" + sparsity_section(summary["sparsity"], view.recipe, None, "dense")
     add_comparison(card, comparison, repo_name)
     data = card.data
     data.base_model = source.repo

@@ -367,7 +367,8 @@ class Worker:
                    "perplexity_base": _round(comparison.base.perplexity),
                    "perplexity_pruned": _round(comparison.pruned.perplexity),
                    "speed_ratios": {k: round(v, 4) for k, v in comparison.ratios.items() if "speedup" in k},
-                   "lm_eval": comparison.pruned.lm_eval}
+                   "lm_eval": comparison.pruned.lm_eval,
+                   **({"sparsity": summary["sparsity"]["sparsity"]} if "sparsity" in summary else {})}
         return Built(Path(out), f"{job.recipe_name} of {job.source_repo}@{job.source_sha[:10]}", description, results)
 
     def publish(self, job: Job, built: Built, ready: Ready) -> tuple[Publication, dict]:

@@ -30,6 +30,7 @@ METHOD_TITLES = {
     "attention_heads": "Attention heads",
     "depth": "Whole layers or sub-layers (depth pruning)",
     "slimllm": "SlimLLM: attention heads and MLP channels",
+    "sparsity": "Single weights: unstructured or 2:4 sparsity",
 }
 SCORE_TITLES = {
     "maw": "Largest weight (max |w|)",
@@ -48,6 +49,9 @@ SCORE_TITLES = {
     "shapley": "Shapley value (exact or sampled)",
     "loo_contrast": "Leave-one-out contrast (the paper code's 'Shapley')",
     "subnet_contrast": "Random sub-network contrast",
+    "wanda": "Wanda (|w| × input norm)",
+    "sparsegpt": "SparseGPT (reconstruction with weight update)",
+    "taylor": "Taylor (|w × gradient|)",
 }
 CALIBRATION_SOURCES = {"shipped": "shipped text", "dataset": "a dataset on the Hub", "upload": "an uploaded file"}
 UPLOAD_SUFFIXES = (".txt", ".jsonl")

@@ -50,9 +50,14 @@ class JobResult:
     method: str
     seconds: float
     warning: str | None = None  # the model came out badly damaged
+    sparsity: float | None = None  # a sparsity stage: the measured share of zero decoder-linear weights
 
     def suggest_repo(self, user: str | None) -> str:
-        return hub.suggest_repo_id(user, self.model.short_name, self.method, self.evidence.removed_fraction)
+        return hub.suggest_repo_id(user, self.model.short_name, self.method, self.removed())
+
+    def removed(self) -> float:
+        """The share named in repo names: zeroed weights for sparsity (same shapes), else parameters removed."""
+        return self.sparsity if self.sparsity is not None else self.evidence.removed_fraction
 
 
 # -- small handlers ------------------------------------------------------------------------------------------------
@@ -103,6 +108,7 @@ class Measured:
     chart_rows: list
     method: str
     recipe_yaml: str
+    sparsity: float | None = None
 
 
 def job_stages(form: forms.Form) -> list[str]:
@@ -158,13 +164,13 @@ def _run(ticket: Ticket, board: Board, form: forms.Form, settings: Settings, sto
                                                           token=token), redact=redact), board, ticket)
         board.params = prep.info.params
         measured = yield from _relay(run_on_gpu(prep, form, settings, folder, user, redact), board, ticket)
-        repo_id = hub.suggest_repo_id(user, prep.info.short_name, measured.method,
-                                      measured.evidence.removed_fraction)
+        repo_id = hub.suggest_repo_id(user, prep.info.short_name, measured.method, measured.evidence.removed_fraction
+                                      if measured.sparsity is None else measured.sparsity)
         zip_path = yield from _relay(stream(functools.partial(_zip, folder=folder, name=repo_id.split("/")[-1]),
                                             redact=redact), board, ticket)
         res = JobResult(ticket.id, prep.info, measured.recipe_yaml, measured.evidence, measured.chart_rows,
                         folder / "model", prep.base_folder, zip_path, measured.method, time.perf_counter() - start,
-                        measured.evidence.damage(settings.ppl_warn_ratio))
+                        measured.evidence.damage(settings.ppl_warn_ratio), measured.sparsity)
         store.put(ticket.id, ticket.session, folder, res)
         board.finish()
         jobs.history.record(board)
@@ -289,7 +295,8 @@ def _prune_and_measure(reporter: Reporter, prep: Prepared, form: forms.Form, set
     reporter.stage("prune", 0.0, "scoring")
     result = core.prune(model, tokenizer, prep.recipe, progress=on_layer, base_model=str(prep.base_folder))
     result.base_revision = info.revision or result.base_revision
-    if result.params_after["total"] >= result.params_before["total"]:
+    zeros = result.extra.get("sparsity", {}).get("zeros", 0)  # sparsity keeps the shapes: zeroed weights count
+    if result.params_after["total"] - zeros >= result.params_before["total"]:
         raise SpaceError("Nothing was removed with these settings: the method removes whole units (neurons, heads "
                          "or layers) and the target rounds to none. Remove a larger share.")
     if prep.calib_name:  # record the uploaded file's name, not the job folder's path
@@ -308,14 +315,19 @@ def _prune_and_measure(reporter: Reporter, prep: Prepared, form: forms.Form, set
     evidence = Evidence(evaluation.Comparison(base, pruned, measured), prompt,
                         (base_text or "", pruned_text or "") if prompt.strip() else None, streamed=too_big)
     rows = chart.layer_rows(before, result.layers(), result.report.get("removed"))
+    sparsity = result.extra.get("sparsity")
+    if sparsity:
+        chart.add_sparsity(rows, sparsity)
     reporter.stage("save", None, "writing the pruned model")
     out = folder / "model"
-    repo_id = hub.suggest_repo_id(user, info.short_name, result.recipe.method, evidence.removed_fraction)
+    repo_id = hub.suggest_repo_id(user, info.short_name, result.recipe.method,
+                                  sparsity["sparsity"] if sparsity else evidence.removed_fraction)
     core.save_pruned(result, out, repo_name=repo_id)
     card.record_base_name(out, info.base_name)  # by the name the user chose, never a server path
     evidence.disk_bytes = (info.weight_bytes, folder_bytes(out))
     card.write_card(out, repo_id, evidence, info.repo_id, info.base_name)
-    return Measured(evidence, rows, result.recipe.method, (out / "pruning_recipe.yaml").read_text(encoding="utf-8"))
+    return Measured(evidence, rows, result.recipe.method, (out / "pruning_recipe.yaml").read_text(encoding="utf-8"),
+                    sparsity["sparsity"] if sparsity else None)
 
 
 def _zip(reporter: Reporter, folder: Path, name: str) -> Path:
@@ -411,8 +423,10 @@ def done_status(res: JobResult) -> str:
     ppl = (f"; perplexity {before.perplexity:,.2f} → {after.perplexity:,.2f}"
            if before.perplexity and after.perplexity else "")
     mark = "⚠ Done, but see the warning" if res.warning else "✔ Done"
+    zeros = (f"; {res.sparsity:.1%} of the decoder-block linear weights set to zero (same shapes: no speed-up "
+             "without sparse kernels)" if res.sparsity is not None else "")
     return (f"{mark} in {res.seconds:.1f} s: {before.params:,} → {after.params:,} parameters "
-            f"({ev.removed_fraction:.1%} removed){ppl}.")
+            f"({ev.removed_fraction:.1%} removed){zeros}{ppl}.")
 
 
 def summary_markdown(res: JobResult) -> str:

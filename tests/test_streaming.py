@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import core
 import core.cli
 from conftest import FAMILIES, logits, save_tiny, tiny_model
-from core import CalibrationConfig, LayerSelection, Recipe, Target
+from core import CalibrationConfig, LayerSelection, Recipe, Stage, Target
 from core.architectures import spec_for_config
 from core.errors import DiskFullError
 from core.layers import decoder_layers, layer_at
@@ -38,9 +38,16 @@ CASES = {
                                       options={"unit": "mlp", "recovery": "mean_update", "recovery_source": "pruned"}),
     "depth_attention_iterative": dict(method="depth", options={"unit": "attention", "iterative": True},
                                       target=Target(ratio=0.5)),
-    "depth_shapley_logits": dict(method="depth", score="shapley_mc", target=Target(ratio=0.25),
+    "depth_shapley_logits": dict(method="depth", score="shapley", target=Target(ratio=0.25),
                                  options={"utility": "logit_distance", "samples": 4}),
     "depth_ppl_drop": dict(method="depth", score="ppl_drop", target=Target(ratio=0.25)),
+    "sparsegpt_2_4": dict(method="sparsity", score="sparsegpt", target=Target(ratio=0.5), options={"pattern": "2:4"}),
+    "magnitude_global": dict(method="sparsity", score="magnitude", target=Target(ratio=0.6),
+                             options={"scope": "global"}),
+    "taylor_unstructured": dict(method="sparsity", score="taylor", target=Target(ratio=0.5)),
+    "maw_then_wanda_2_4": dict(method="maw", target=Target(ratio=0.25),
+                               then=(Stage(method="sparsity", score="wanda", target=Target(ratio=0.5),
+                                           options={"pattern": "2:4"}),)),
 }
 # the default run: every case on llama (tied, GQA); the cases that fold, remove and keep constant layers on the
 # families with fused projections (phi3) and output norms (gemma3); every other combination in the slow run
@@ -292,3 +299,18 @@ def test_publishing_in_another_dtype(tiny_dir, tmp_path):
         outs.append(_tensors(core.save_pruned(result, tmp_path / str(stream))))
     assert outs[0].keys() == outs[1].keys() and {t.dtype for t in outs[1].values()} == {torch.float16}
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_a_reopened_result_keeps_its_work_folder_through_garbage_collection(tiny_dir, tmp_path):
+    """A weight-only streamed prune reopens its model in the compute dtype; the old store, once collected, must not
+    delete the work folder that holds the written blocks (a finalizer stays bound to the object it was made for)."""
+    import gc
+
+    result = core.run_recipe(Recipe(model=str(tiny_dir("llama")), method="maw", target=Target(ratio=0.5)),
+                             out_dir=tmp_path / "out")
+    work = result.model.core_stream.work
+    assert work is not None and work.is_dir()
+    gc.collect()
+    assert work.is_dir()
+    out = core.save_pruned(result, tmp_path / "out")
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))

@@ -111,6 +111,10 @@ class Method:
         if self.needs_data(recipe):
             check_source(recipe.calibration)
 
+    def canonical(self, recipe: Recipe) -> Recipe:
+        """The recipe with its options written in their canonical form (called after `validate`)."""
+        return recipe
+
     def needs_data(self, recipe: Recipe) -> bool:
         score = self.score(recipe)
         return bool(score and score.needs_data)
@@ -134,4 +138,4 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k].tolist())
 
 
-from . import depth, heads, slimllm, width  # noqa: E402,F401  (fill the registry)
+from . import depth, heads, slimllm, sparsity, width  # noqa: E402,F401  (fill the registry)

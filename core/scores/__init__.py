@@ -15,12 +15,15 @@ class Score:
     fn: Callable
     needs_data: bool
     doc: str
-    kind: str = "weights"  # 'weights', 'per_token' (depth: f(x, y) per token) or 'subnetwork' (depth: utilities)
+    # 'weights', 'per_token' (depth: f(x, y) per token), 'subnetwork' (depth: utilities) or 'reconstruction'
+    # (sparsity: returns the pruned and updated weight instead of scores)
+    kind: str = "weights"
 
 
 MLP_SCORES: Registry[Score] = Registry("MLP score")
 HEAD_SCORES: Registry[Score] = Registry("attention-head score")
 DEPTH_SCORES: Registry[Score] = Registry("depth score")
+SPARSITY_SCORES: Registry[Score] = Registry("sparsity score")
 
 
 def _register(registry: Registry[Score], name: str, needs_data: bool = False, kind: str = "weights"):
@@ -44,4 +47,8 @@ def depth_score(name: str, kind: str = "per_token"):
     return _register(DEPTH_SCORES, name, True, kind)
 
 
-from . import depth, heads, mlp  # noqa: E402,F401  (fill the registries)
+def sparsity_score(name: str, needs_data: bool = False, kind: str = "weights"):
+    return _register(SPARSITY_SCORES, name, needs_data, kind)
+
+
+from . import depth, heads, mlp, sparsity  # noqa: E402,F401  (fill the registries)
