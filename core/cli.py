@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from . import recover_cli
 from .errors import PruningError, RecipeError
 
 logger = logging.getLogger("core")
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    recover_cli.add_prune_args(p)
+    recover_cli.add_recover_parser(sub)
 
     i = sub.add_parser("inspect", help="architecture and parameter counts (no weights are loaded)")
     _add_load_args(i)
@@ -158,6 +161,7 @@ def _recipe_from_args(args: argparse.Namespace):
         put("calibration", key, getattr(args, flag))
     for key in ("dtype", "device", "device_map", "allow_pickle", "trust_remote_code"):
         put("load", key, getattr(args, key))
+    recover_cli.apply_to_recipe_data(args, data)
     if "method" not in data:
         raise RecipeError("No method given: pass --method (see `python -m core methods`) or --recipe FILE.")
     if "target" not in data and args.layer_ratios:
@@ -181,7 +185,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     recipe = _recipe_from_args(args)
     check_output(args.out, args.overwrite)  # fail before a long pruning run, not after it
-    result = run_recipe(recipe, bars=not args.quiet and not args.json)
+    folder = recover_cli.checkpoint_dir(args.out)
+    result = recover_cli.interruptible(lambda: run_recipe(recipe, bars=not args.quiet and not args.json,
+                                                          **recover_cli.prune_kwargs(recipe, folder, args)), folder)
     out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     summary = result.summary()
     lines = [
@@ -192,7 +198,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         f"layout      {'uniform: loads with AutoModelForCausalLM.from_pretrained' if result.uniform else 'per-layer: loads with core.load_pruned'}",
         f"time        {summary['prune_seconds']:.1f} s",
         f"written to  {out}",
-    ]
+    ] + recover_cli.finished(result, folder)
     _emit(args, {"out": str(out), "recipe": result.recipe.to_dict(), "result": summary}, lines)
 
 
@@ -309,7 +315,8 @@ def cmd_methods(args: argparse.Namespace) -> None:
     _emit(args, payload, lines)
 
 
-COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "eval": cmd_eval, "methods": cmd_methods}
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "eval": cmd_eval, "methods": cmd_methods,
+            "recover": recover_cli.cmd_recover}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,3 +39,7 @@ class RecipeError(PruningError, ValueError):
 
 class OutputExistsError(PruningError, FileExistsError):
     """The output folder already exists and overwriting was not asked for."""
+
+
+class InsufficientMemoryError(PruningError, MemoryError):
+    """A run would not fit in the memory of its device (the message says how much it needs)."""

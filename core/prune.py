@@ -86,6 +86,7 @@ class PruneResult:
             "prune_seconds": round(self.seconds, 3),
             "method_report": self.report,
             "layers": self.layers(),
+            **({"recovery": self.extra["recovery"]} if "recovery" in self.extra else {}),
         }
 
 
@@ -103,9 +104,15 @@ def _hub_revision(name: str, revision: str | None) -> str | None:
 
 
 def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallback | None = None,
-          bars: bool = False, base_model: str | None = None) -> PruneResult:
-    """Prune `model` in place according to `recipe`."""
+          bars: bool = False, base_model: str | None = None, **recovery) -> PruneResult:
+    """Prune `model` in place according to `recipe`. With a `recover:` section, recovery training follows (in
+    one or several prune -> recover rounds); `recovery` keywords (on_event, should_stop, teacher, checkpoint_dir,
+    resume) go to `core.recover_run.prune_and_recover`."""
     recipe = normalize(recipe)
+    if recipe.recover is not None:
+        from .recover_run import prune_and_recover
+
+        return prune_and_recover(model, tokenizer, recipe, progress, bars, base_model, **recovery)
     spec = spec_for_config(model.config)
     method = METHODS.get(recipe.method)
     if any(p.is_meta for p in model.parameters()):
@@ -143,12 +150,16 @@ def _check_target(recipe: Recipe, before: int, after: int) -> None:
                        f"{wanted:,}", f"{removed:,}", 100 * (removed - wanted) / wanted)
 
 
-def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False) -> PruneResult:
-    """Load the recipe's model and prune it."""
+def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False,
+               **recovery) -> PruneResult:
+    """Load the recipe's model and prune it (and recover it, with a `recover:` section)."""
     recipe = normalize(recipe)
     name = resolve_model_name(recipe.model)
+    model, tokenizer = load_model(name, load_options(recipe))
+    return prune(model, tokenizer, recipe, progress, bars, base_model=recipe.model or name, **recovery)
+
+
+def load_options(recipe: Recipe) -> LoadOptions:
     load = recipe.load
-    opts = LoadOptions(revision=recipe.revision, dtype=load.dtype, device=load.device, device_map=load.device_map,
+    return LoadOptions(revision=recipe.revision, dtype=load.dtype, device=load.device, device_map=load.device_map,
                        allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)
-    model, tokenizer = load_model(name, opts)
-    return prune(model, tokenizer, recipe, progress, bars, base_model=recipe.model or name)

@@ -14,6 +14,7 @@ import yaml
 from .allocation import LayerSelection, Target
 from .calibration import CalibrationConfig
 from .errors import PruningError, RecipeError
+from .recover_config import RecoverConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Recipe:
     batch_size: int = 8
     seed: int = 0
     load: LoadConfig = field(default_factory=LoadConfig)
+    recover: RecoverConfig | None = None  # recovery training after pruning (and prune -> recover rounds)
 
     def __post_init__(self) -> None:
         if self.round_to < 1:
