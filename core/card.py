@@ -39,7 +39,7 @@ def _recovery_section(rec: dict | None) -> str:
         return ""
     curve = rec.get("loss_curve", [])
     by_round = any("round" in h for h in curve)
-    rows = "\n".join(("| " + str(h.get("round")) if by_round else "") +
+    rows = "\n".join((f"| {h.get('round')} " if by_round else "") +
                      f"| {h['step']} | {h['tokens']:,} | "
                      f"{'-' if h['train_loss'] is None else format(h['train_loss'], '.4f')} | {h['heldout_loss']:.4f} | "
                      f"{h['heldout_perplexity']:.3f} |" for h in curve)

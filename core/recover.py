@@ -144,7 +144,7 @@ class Recovery:
             self.teacher.requires_grad_(False)
         student.config.use_cache = False
         if self.checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.train()
         if self.cfg.trainable == "lora":
             from .recover_lora import wrap
@@ -270,7 +270,7 @@ class Recovery:
             model = merge(model)
         self.masks.apply_()  # a merged LoRA update is dense: the masked entries go back to zero
         if self.checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.requires_grad_(False)
         model.config.use_cache = True
         return model.eval()
