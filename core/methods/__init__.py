@@ -28,6 +28,7 @@ class PruneContext:
     recipe: Recipe
     progress: Progress
     _calibration: torch.Tensor | None = field(default=None, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)  # statistics a score computes once per run
 
     def calibration_ids(self) -> torch.Tensor:
         if self._calibration is None:

@@ -165,8 +165,12 @@ class Depth(Method):
         return dict(zip(candidates, values.tolist()))
 
     def unit_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int]) -> dict[int, float]:
-        if self.score(ctx.recipe).kind == "subnetwork":
+        score = self.score(ctx.recipe)
+        if score.kind == "subnetwork":
             return self.subnetwork_scores(ctx, opts, candidates, disabled)
+        if score.kind == "gradient":  # stats from a backward pass (core/scores/gradient_stats.py)
+            stats = score.stats(ctx, opts, candidates, disabled)
+            return {i: float(score.fn(stats[i])) for i in candidates}
         return self.per_token_scores(ctx, opts, candidates, disabled)
 
     # -- selection --------------------------------------------------------------------------------------------

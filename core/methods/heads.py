@@ -106,6 +106,8 @@ class AttentionHeads(Method):
                 collect(runner, i, {"o": (linear(layer, spec, "attention", "o"), stats)})
                 contribution = stats.norm()
             tensors = attention_tensors(layer, spec, shape, dh, contribution, ctx.layer_seed(i))
+            if score.stats is not None:
+                tensors.extra = score.stats(ctx, i, runner)
             prune_layer(model, spec, i, plan_heads(score.fn(tensors).cpu(), shape, mode, keep))
             if runner is not None:
                 runner.advance(i)

@@ -77,6 +77,8 @@ class MlpWidth(Method):
                                     "down": (linear(layer, spec, "mlp", "down"), norms)})
                 input_norm, act_norm = norms.norm("in"), norms.norm("down")
             tensors = mlp_tensors(layer, spec, shape, input_norm, act_norm, ctx.layer_seed(i))
+            if score.stats is not None:
+                tensors.extra = score.stats(ctx, i, runner)
             prune_layer(model, spec, i, LayerPlan(mlp=top_k(score.fn(tensors), kept)))
             if runner is not None:
                 runner.advance(i)
