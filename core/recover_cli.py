@@ -3,14 +3,11 @@ recovery flags of `prune` (which fill the recipe's `recover:` section)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 from pathlib import Path
 
 from .errors import RecipeError
-
-logger = logging.getLogger("core")
 
 # flag -> field of RecoverConfig, shared by `recover` and `prune`
 _TRAINING_FLAGS = {"batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "kd": "kd", "lm": "lm",

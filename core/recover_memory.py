@@ -33,8 +33,10 @@ class MemoryEstimate:
 def estimate(config, student_params: int, teacher_params: int, trainable_params: int, tokens: int,
              dtype_bytes: int, checkpointing: bool, device: str) -> MemoryEstimate:
     """Bytes needed on `device` for a step of `tokens` tokens (batch x sequence length)."""
+    from .layer_config import layer_shapes
+
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    m = getattr(config, "intermediate_size", 4 * d)
+    m = max(s.intermediate_size for s in layer_shapes(config))
     per_token_layer = 2 * d if checkpointing else 16 * d + 4 * m
     activations = tokens * layers * per_token_layer * dtype_bytes + 5 * tokens * vocab * 4
     state = trainable_params * dtype_bytes * 3  # gradient + two AdamW moments, in the parameters' dtype

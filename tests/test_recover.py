@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import core
-from conftest import TOKENIZER_DIR, logits, save_tiny, tiny_model
+from conftest import logits, save_tiny, tiny_model
+from recover_fixtures import one_thread, tokenizer  # noqa: F401  (fixtures)
 from core import Recipe, Target
 from core.cli import main
 from core.errors import InsufficientMemoryError, RecipeError
@@ -27,18 +28,6 @@ from core.recover_run import surviving_layers
 FAST = dict(batch_size=4, seq_len=32, eval_every=5, data_tokens=20_000, lr=3e-3, warmup=2, kd=1.0, lm=1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models train fastest on one thread, and far faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def weights(model) -> dict[str, torch.Tensor]:

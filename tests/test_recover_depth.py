@@ -8,17 +8,11 @@ from transformers import AutoModelForCausalLM
 
 import core
 from conftest import logits, save_tiny, tiny_model
+from recover_fixtures import one_thread, tokenizer  # noqa: F401  (fixtures)
 from core import Recipe, Target
 from core.layer_config import layer_shapes
 from core.recover_depth import fit_lowrank, folded_targets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fit_lowrank_recovers_a_planted_low_rank_update():

@@ -4,10 +4,10 @@ cumulative fraction."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import core
 from conftest import save_tiny, tiny_model
+from recover_fixtures import one_thread, tokenizer  # noqa: F401  (fixtures)
 from core import LayerSelection, Recipe, Target
 from core.errors import RecipeError
 from core.recover_config import RecoverConfig
@@ -15,13 +15,6 @@ from core.recover_schedule import Schedule, fractions
 
 ROUNDS_ONLY = RecoverConfig(steps=0, rounds=3)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

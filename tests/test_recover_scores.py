@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import core
-from conftest import TOKENIZER_DIR, tiny_model
+from conftest import tiny_model
+from recover_fixtures import one_thread, tokenizer  # noqa: F401  (fixtures)
 from core import CalibrationConfig, Recipe, Target
 from core.layer_config import layer_shapes
 from core.scores import DEPTH_SCORES, HEAD_SCORES, MLP_SCORES
@@ -20,17 +20,6 @@ from core.scores.attention_probe import HeadStats
 CALIB = CalibrationConfig(n_samples=8, seq_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def test_registered_in_the_existing_methods():
