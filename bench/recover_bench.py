@@ -99,12 +99,13 @@ def case_slimllm(args) -> dict:
 
 def case_iterative(args) -> dict:
     """Rounds vs one-shot: the same final target and the same total recovery steps."""
-    out = {"method": args.method, "param_ratio": args.ratio, "steps_total": args.steps, "rounds": {}}
+    out = {"method": args.method, "score": args.score, "param_ratio": args.ratio, "steps_total": args.steps,
+           "rounds": {}}
     _, tokenizer = load()
     dense_model, _ = load()
     out["dense"] = ppl(dense_model, tokenizer, args.eval_tokens)
     del dense_model
-    for rounds in (1, args.rounds):
+    for rounds in (args.rounds, 1):  # rounds first: when a method cannot be iterated, nothing else is spent
         cfg = recover_config(args, args.steps, rounds=rounds, schedule=args.schedule)
         start = time.perf_counter()
         try:
@@ -112,7 +113,7 @@ def case_iterative(args) -> dict:
         except core.PruningError as err:
             out["rounds"][str(rounds)] = {"error": str(err)}
             logger.warning("%d round(s): %s", rounds, err)
-            continue
+            break
         rec = result.extra["recovery"]
         value = ppl(result.model, tokenizer, args.eval_tokens)
         out["rounds"][str(rounds)] = {
@@ -164,10 +165,11 @@ def markdown(doc: dict) -> str:
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch threads {m.get('threads')}, torch "
              f"{m.get('torch')}. The machine was shared with other jobs while these ran (load average recorded "
              "per case): budgets are steps and tokens; times are what this shared machine measured.", ""]
-    if "slimllm" in doc:
-        s = doc["slimllm"]
+    for key in [k for k in ("slimllm", "slimllm_lora") if k in doc]:
+        s = doc[key]
         r = s["recovery"]
-        lines += ["## SlimLLM at 50% of parameters + distillation", "", f"`{s['command']}`", "",
+        lines += [f"## SlimLLM at {s['param_ratio']:.0%} of parameters + distillation ({r['trainable']})", "",
+                  f"`{s['command']}`", "",
                   f"- {s['params'][0]:,} -> {s['params'][1]:,} parameters; recovery: {r['objective']}, "
                   f"{r['trainable']}, {r['steps']:,} steps ({r['stopped']}), {r['tokens']:,} tokens, lr {r['lr']:g}, "
                   f"data {r['data']}",
@@ -177,15 +179,16 @@ def markdown(doc: dict) -> str:
                   "on an otherwise idle core", "",
                   "| model | held-out perplexity | vs dense |", "|---|---|---|",
                   f"| dense | {s['dense']:.2f} | 1.00x |",
-                  f"| SlimLLM 50%, one-shot | {s['one_shot']:.2f} | {s['one_shot_ratio']:.2f}x |",
-                  f"| SlimLLM 50% + distillation | {s['recovered']:.2f} | {s['recovered_ratio']:.2f}x |", "",
+                  f"| SlimLLM, one-shot | {s['one_shot']:.2f} | {s['one_shot_ratio']:.2f}x |",
+                  f"| SlimLLM + distillation | {s['recovered']:.2f} | {s['recovered_ratio']:.2f}x |", "",
                   "Held-out loss curve during recovery (held-out part of the recovery data):", "",
                   "| step | tokens | held-out perplexity |", "|---|---|---|"]
         lines += [f"| {h['step']} | {h['tokens']:,} | {h['heldout_perplexity']:.2f} |" for h in s["loss_curve"]]
         lines.append("")
-    if "iterative" in doc:
-        it = doc["iterative"]
-        lines += [f"## Iterative ({max(map(int, it['rounds']))} rounds) vs one-shot", "", f"`{it['command']}`", "",
+    for it in [doc[k] for k in sorted(doc) if k.startswith("iterative")]:
+        name = it["method"] + (f" ({it['score']})" if it.get("score") else "")
+        lines += [f"## Iterative ({max(map(int, it['rounds']))} rounds) vs one-shot: {name}", "",
+                  f"`{it['command']}`", "",
                   f"{it['method']} at {it['param_ratio']:.0%} of parameters, {it['steps_total']} recovery steps in all "
                   "(split evenly over the rounds). Dense perplexity "
                   f"{it['dense']:.2f}.", "", "| rounds | parameters | steps | tokens | held-out perplexity | vs dense |",
@@ -255,7 +258,9 @@ def main(argv=None) -> int:
         save("recover_1b_cpu", "throughput", dict(case_throughput(args), command=command), markdown_1b)
     else:
         value = case_slimllm(args) if args.case == "slimllm" else case_iterative(args)
-        save("recover_reference_cpu", args.case, dict(value, command=command), markdown)
+        key = args.case + ("_lora" if args.case == "slimllm" and args.trainable == "lora" else "")
+        key += f"_{args.method}" if args.case == "iterative" else ""
+        save("recover_reference_cpu", key, dict(value, command=command), markdown)
     return 0
 
 
