@@ -193,7 +193,7 @@ def markdown(doc: dict) -> str:
                   "(split evenly over the rounds). Dense perplexity "
                   f"{it['dense']:.2f}.", "", "| rounds | parameters | steps | tokens | held-out perplexity | vs dense |",
                   "|---|---|---|---|---|---|"]
-        for n, row in it["rounds"].items():
+        for n, row in sorted(it["rounds"].items(), key=lambda kv: int(kv[0])):
             if "error" in row:
                 lines.append(f"| {n} | - | - | - | {row['error']} | - |")
             else:

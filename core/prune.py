@@ -113,6 +113,9 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
         from .recover_run import prune_and_recover
 
         return prune_and_recover(model, tokenizer, recipe, progress, bars, base_model, **recovery)
+    if recovery:
+        raise RecipeError(f"Recovery options ({', '.join(sorted(recovery))}) were given but the recipe has no "
+                          "recover: section; add one (e.g. recover: {steps: 200}) or drop the options.")
     spec = spec_for_config(model.config)
     method = METHODS.get(recipe.method)
     if any(p.is_meta for p in model.parameters()):
