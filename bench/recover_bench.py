@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", default="linear")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the core's, from the model width)")
     p.add_argument("--kd", type=float, default=1.0)
     p.add_argument("--lm", type=float, default=0.0)
     p.add_argument("--trainable", default="all")

@@ -36,9 +36,8 @@ logger = logging.getLogger(__name__)
 MIN_LR_RATIO = 0.1
 
 
-def learning_rate(cfg: RecoverConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to MIN_LR_RATIO of the peak at the end of the step budget."""
-    peak = cfg.learning_rate
+def learning_rate(cfg: RecoverConfig, peak: float, step: int) -> float:
+    """Linear warmup, then cosine decay to MIN_LR_RATIO of the `peak` at the end of the step budget."""
     if step < cfg.warmup:
         return peak * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -101,6 +100,7 @@ class Recovery:
         self.spec = spec_for_config(student.config)
         self.device = next(student.parameters()).device
         self.dtype = training_dtype(cfg, self.device)
+        self.lr = cfg.learning_rate(student.config.hidden_size)
         self.checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else (
             self.device.type == "cuda")
         n_student = student.config.num_hidden_layers
@@ -166,7 +166,7 @@ class Recovery:
     def _step(self, model: nn.Module, params: list[nn.Parameter], optimizer, step: int) -> tuple[float, dict]:
         cfg = self.cfg
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+            group["lr"] = learning_rate(cfg, self.lr, step)
         batch = train_batch(self.split, step, cfg.batch_size, cfg.seq_len, cfg.seed).to(self.device)
         hidden = self.objective.hidden > 0
         teacher_out = None
@@ -211,7 +211,7 @@ class Recovery:
         params = [p for p in model.parameters() if p.requires_grad]
         need = self.memory_estimate(sum(p.numel() for p in params))
         check_fits(need, str(self.device), already_loaded=need.weights)
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95),
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.95),
                                       weight_decay=cfg.weight_decay)
         run_id = recover_state.fingerprint(cfg, model)
         state = None
@@ -285,7 +285,7 @@ class Recovery:
             f"LoRA rank {cfg.lora_rank} (alpha {cfg.lora_alpha:g}) on every projection, merged into the weights",
             "trainable_parameters": trainable,
             "steps": state.step, "steps_budget": cfg.steps, "stopped": stopped,
-            "tokens": state.tokens, "batch": [cfg.batch_size, cfg.seq_len], "lr": cfg.learning_rate,
+            "tokens": state.tokens, "batch": [cfg.batch_size, cfg.seq_len], "lr": self.lr,
             "data": self.split.describe(),
             "kept_step": state.best_step,
             "heldout_loss": [first["heldout_loss"], best["heldout_loss"]],

@@ -19,7 +19,8 @@ def add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """Recovery settings; `prefix` ('recover-') keeps them apart from pruning flags of the same name."""
     p.add_argument(f"--{prefix}batch-size", dest="r_batch_size", type=int, help="recovery batch size (default 8)")
     p.add_argument(f"--{prefix}seq-len", dest="r_seq_len", type=int, help="tokens per training window (default 128)")
-    p.add_argument(f"--{prefix}lr", dest="r_lr", type=float, help="peak learning rate (default 2e-4, LoRA 1e-3)")
+    p.add_argument(f"--{prefix}lr", dest="r_lr", type=float, help="peak learning rate (default: from the model "
+                                                                              "width; 1e-3 for the reference model)")
     p.add_argument(f"--{prefix}kd", dest="r_kd", type=float, help="weight of logit distillation (default 1)")
     p.add_argument(f"--{prefix}lm", dest="r_lm", type=float, help="weight of the LM loss (default 0)")
     p.add_argument(f"--{prefix}hidden", dest="r_hidden", type=float, help="weight of hidden-state MSE (default 0)")

@@ -11,7 +11,6 @@ from .errors import RecipeError
 TRAINABLE = ("all", "lora")
 SCHEDULES = ("linear", "cubic")
 DTYPES = ("auto", "float32", "bfloat16")
-DEFAULT_LR = {"all": 2e-4, "lora": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class RecoverConfig:
     steps: int = 200
     batch_size: int = 8
     seq_len: int = 128
-    lr: float | None = None  # default: 2e-4 for all weights, 1e-3 for LoRA adapters
+    lr: float | None = None  # default: from the model width (see `learning_rate`)
     warmup: int = 10
     weight_decay: float = 0.0
     kd: float = 1.0
@@ -82,9 +81,14 @@ class RecoverConfig:
         if self.hidden_layers is not None:
             object.__setattr__(self, "hidden_layers", tuple(int(i) for i in self.hidden_layers))
 
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.trainable]
+    def learning_rate(self, hidden_size: int) -> float:
+        """`lr`, or a default that shrinks with the width (as learning rates do across model sizes): all weights
+        2.5e-4 x 1024 / hidden (1e-3 for the 256-wide reference model, 6e-5 at 4096 as in Minitron's
+        distillation), LoRA adapters four times that, clamped to [1e-4, 2e-3]."""
+        if self.lr is not None:
+            return self.lr
+        full = min(1e-3, max(1e-5, 2.5e-4 * 1024 / hidden_size))
+        return full if self.trainable == "all" else min(2e-3, max(1e-4, 4 * full))
 
     @property
     def uses_teacher(self) -> bool:
