@@ -36,7 +36,7 @@ class StandIn(nn.Module):
             self.adapter_in = nn.Linear(hidden_size, rank, bias=False)
             self.adapter_out = nn.Linear(rank, hidden_size, bias=False)
 
-    def constant(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def output(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         if hasattr(self, "adapter_in"):
             out = out + self.adapter_out(self.adapter_in(hidden_states))
@@ -79,14 +79,14 @@ class SkippedAttention(StandIn):
         if past_key_values is not None:
             empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], 0)
             past_key_values.update(empty, empty, self.layer_idx)
-        return self.constant(hidden_states), None
+        return self.output(hidden_states), None
 
 
 class SkippedMlp(StandIn):
     """Stands in for a removed MLP sub-layer: outputs zeros, or a constant `bias`."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.constant(hidden_states)
+        return self.output(hidden_states)
 
 
 def apply_skips(layer: nn.Module, spec: ArchSpec, layer_config, layer_idx: int) -> None:
