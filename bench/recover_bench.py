@@ -70,7 +70,9 @@ def recover_config(args, steps: int, **changes) -> RecoverConfig:
 def summary(rec: dict) -> dict:
     keep = ("objective", "trainable", "steps", "steps_budget", "stopped", "tokens", "lr", "data", "kept_step",
             "heldout_perplexity", "seconds", "tokens_per_second", "rounds", "schedule")
-    return {k: rec[k] for k in keep if k in rec}
+    out = {k: rec[k] for k in keep if k in rec}
+    out["data"] = out.get("data", "").replace(f"{ROOT}/", "")  # paths relative to the repository
+    return out
 
 
 def case_slimllm(args) -> dict:
@@ -140,12 +142,15 @@ def case_throughput(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE)  # ids < 4096 fit the 32k vocabulary
     core.prune(student, tokenizer, core.Recipe(method="mlp_width", score="random", target=core.Target(ratio=0.2)))
     rows = []
-    for trainable in args.trainables.split(","):
+    trainables = args.trainables.split(",")
+    for n, trainable in enumerate(trainables):
         cfg = RecoverConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, trainable=trainable,
                             eval_every=10 ** 6, eval_tokens=args.seq_len, data_tokens=200_000, patience=0, warmup=1,
                             dtype=args.dtype)
-        model = LlamaForCausalLM(student.config)
-        model.load_state_dict(student.state_dict())
+        model = student  # the last case trains the student itself: one copy less in memory
+        if n < len(trainables) - 1:
+            model = LlamaForCausalLM(student.config)
+            model.load_state_dict(student.state_dict())
         with PeakRss() as mem:
             _, rec = recover(model, teacher, tokenizer, cfg)
         rows.append({"trainable": trainable, "dtype": rec["dtype"], "steps": rec["steps"], "tokens": rec["tokens"],
