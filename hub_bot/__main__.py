@@ -64,26 +64,26 @@ def _run(args) -> int:
         return 2
     _quiet_progress_bars()
     bot = Bot(BotConfig.from_file(args.config))
-    bot.start()
-    if args.once:
+
+    def _stop(signum, frame):  # only asks: the lock is released once the worker has stopped (bot.stop below)
+        logger.info("signal %d: stopping; the current job is finished or given back first", signum)
+        bot.request_stop()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        bot.start()
         try:
-            bot.poller.poll_once() if bot.config.poll_interval_s else None
-            bot.run_pending()
+            if args.once:
+                bot.poller.poll_once() if bot.config.poll_interval_s else None
+                bot.run_pending()
+            else:
+                bot.run_forever()
         finally:
             bot.stop()
-        return 0
-
-    def _stop(signum, frame):
-        logger.info("signal %d: stopping after the current job", signum)
-        bot.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        bot.run_forever()
-    except KeyboardInterrupt:  # the running job stays 'running' and is retried at the next start
-        logger.info("interrupted")
     finally:
-        bot.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("bot stopped")
     return 0
 
 

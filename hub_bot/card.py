@@ -56,8 +56,9 @@ def _speed_results(comparison: Comparison) -> list[EvalResult]:
             for name, value in comparison.ratios.items() if "speedup" in name]
 
 
-def source_license(folder: Path) -> dict:
-    """license (and license_name / license_link for 'other') from the source's card, to inherit."""
+def source_terms(folder: Path) -> dict:
+    """What a variant inherits from its source's card: the license (with license_name / license_link for 'other')
+    and the gating form (every `extra_gated_*` field), so that a gated variant asks what its source asks."""
     readme = folder / "README.md"
     if not readme.is_file():
         return {}
@@ -65,23 +66,27 @@ def source_license(folder: Path) -> dict:
         meta = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
     except Exception:  # an unreadable card: the variant says 'other'
         return {}
-    return {k: meta[k] for k in ("license", "license_name", "license_link") if isinstance(meta.get(k), str)}
+    terms = {k: meta[k] for k in ("license", "license_name", "license_link") if isinstance(meta.get(k), str)}
+    return terms | {k: v for k, v in meta.items() if k.startswith("extra_gated_") and v is not None}
 
 
-def variant_card(result: PruneResult, source: Source, repo_name: str, comparison: Comparison, license: dict,
+def variant_card(result: PruneResult, source: Source, repo_name: str, comparison: Comparison, terms: dict,
                  snippet: str | None = None) -> str:
-    """README.md of a variant: YAML metadata (base_model, base_model_relation, tags, inherited license,
-    model-index) and the core's description and measured results, followed by the source commit."""
+    """README.md of a variant: YAML metadata (base_model, base_model_relation, tags, inherited license and gating
+    form, model-index) and the core's description and measured results, followed by the source commit."""
     view = published_view(result, source)
-    summary = dict(view.summary(), method=view.recipe.method, score=view.recipe.score, license=license.get("license"))
+    summary = dict(view.summary(), method=view.recipe.method, score=view.recipe.score, license=terms.get("license"))
     card = model_card(summary, yaml.safe_dump(view.recipe.to_dict(), sort_keys=False), repo_name,
                       snippet or load_snippet(view, repo_name))
     add_comparison(card, comparison, repo_name)
     data = card.data
     data.base_model = source.repo
     data.base_model_relation = "finetune"
-    if license.get("license") == "other":
-        data.license_name, data.license_link = license.get("license_name"), license.get("license_link")
+    if terms.get("license") == "other":
+        data.license_name, data.license_link = terms.get("license_name"), terms.get("license_link")
+    for key, value in terms.items():
+        if key.startswith("extra_gated_"):
+            setattr(data, key, value)
     data.tags = list(dict.fromkeys([*(data.tags or []), BOT_TAG]))
     data.eval_results = (data.eval_results or []) + _speed_results(comparison) or None
     card.text = card.text.rstrip() + f"""

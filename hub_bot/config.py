@@ -8,14 +8,16 @@ hub:
   disable_xet: false                 # true for Hub-compatible servers without Xet (the local Hub)
 target_org: pruners
 database: bot.sqlite                 # relative paths are relative to this file
-limits: {max_params: 3e9, max_attempts: 4, backoff_s: 30, backoff_max_s: 3600}
+limits: {max_params: 3e9, max_attempts: 4, backoff_s: 30, backoff_max_s: 3600, retry_after_max_s: 900,
+         inline_wait_max_s: 10, lease_s: 300}
+visibility: {private_sources: private, gated_sources: gated}   # or `refuse`: no variant of such sources
 evaluation:
   text: reference/corpus/eval.txt    # perplexity text (default: the shipped held-out text)
   max_tokens: 4096
   speed: {prompt_tokens: 128, new_tokens: 32, batch_sizes: [1], repeats: 3}   # or `speed: false`
   tasks: [pydoc_cloze]               # optional lm-eval tasks
-server: {host: 127.0.0.1, port: 8080}  # serves /status (and / as HTML), and the webhook endpoint
-webhook: {path: /webhook, secret_env: HF_BOT_WEBHOOK_SECRET}   # Hub webhooks (needs server:)
+server: {host: 127.0.0.1, port: 8080, status_token_env: HF_BOT_STATUS_TOKEN}  # /status, / (HTML), the webhook
+webhook: {path: /webhook, secret_env: HF_BOT_WEBHOOK_SECRET, max_body_bytes: 1000000}   # Hub webhooks (needs server:)
 polling: {interval_s: 300}           # polling model_info / list_models; 0 or absent = no polling
 device: cpu                          # where pruning and evaluation run
 publish_dtype: source                # weights are published in the source's dtype (or float32/bfloat16/float16)
@@ -41,8 +43,6 @@ import yaml
 from .errors import ConfigError
 from .recipes import RecipeEntry, recipe_entry
 
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "reference" / "corpus" / "eval.txt"
 
 
@@ -67,6 +67,9 @@ class Limits:
     max_attempts: int = 4  # transient failures are retried this many times in all
     backoff_s: float = 30.0  # first retry delay; doubles per attempt
     backoff_max_s: float = 3600.0
+    retry_after_max_s: float = 900.0  # the Hub's Retry-After is honoured up to this (the job is requeued, not slept on)
+    inline_wait_max_s: float = 10.0  # longer waits end the attempt: the job goes back to the queue with its due time
+    lease_s: float = 300.0  # a running job's lease (renewed while the worker is alive; recovered after it expires)
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,23 @@ class EvalSettings:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    status_token_env: str = "HF_BOT_STATUS_TOKEN"  # operators see private jobs on /status with this bearer token
+
+    def status_token(self) -> str | None:
+        return os.environ.get(self.status_token_env, "").strip() or None
+
+
+@dataclass(frozen=True)
+class VisibilitySettings:
+    private_sources: str = "private"  # private: their variants are private; refuse: no variant at all
+    gated_sources: str = "gated"  # gated: their variants are gated alike; refuse: no variant at all
 
 
 @dataclass(frozen=True)
 class WebhookSettings:
     path: str = "/webhook"
     secret_env: str = "HF_BOT_WEBHOOK_SECRET"
+    max_body_bytes: int = 1_000_000  # the Hub's payloads are a few KB
 
     def secret(self) -> str:
         value = os.environ.get(self.secret_env, "")
@@ -146,6 +160,7 @@ class BotConfig:
     database: Path
     watch: tuple[WatchEntry, ...]
     limits: Limits = field(default_factory=Limits)
+    visibility: VisibilitySettings = field(default_factory=VisibilitySettings)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     server: ServerSettings | None = None
     webhook: WebhookSettings | None = None
@@ -171,8 +186,8 @@ class BotConfig:
         if not isinstance(data, dict):
             raise ConfigError("The bot config must be a YAML mapping (hub:, target_org:, watch:, ...).")
         base_dir = Path(base_dir)
-        known = ("hub", "target_org", "database", "limits", "evaluation", "server", "webhook", "polling", "watch",
-                 "device", "publish_dtype", "torch_threads", "work_dir")
+        known = ("hub", "target_org", "database", "limits", "visibility", "evaluation", "server", "webhook",
+                 "polling", "watch", "device", "publish_dtype", "torch_threads", "work_dir")
         _check_keys(data, known, "config")
         hub = _section(HubSettings, data.get("hub"), "hub")
         if "token" in (data.get("hub") or {}):
@@ -181,6 +196,13 @@ class BotConfig:
         limits = _section(Limits, data.get("limits"), "limits")
         if limits.max_attempts < 1:
             raise ConfigError("limits.max_attempts must be >= 1.")
+        if limits.lease_s < 1:
+            raise ConfigError("limits.lease_s must be at least 1 second.")
+        visibility = _section(VisibilitySettings, data.get("visibility"), "visibility")
+        if visibility.private_sources not in ("private", "refuse"):
+            raise ConfigError("visibility.private_sources must be 'private' (private variants) or 'refuse' (none).")
+        if visibility.gated_sources not in ("gated", "refuse"):
+            raise ConfigError("visibility.gated_sources must be 'gated' (gated variants) or 'refuse' (none).")
         evaluation = _eval_settings(data.get("evaluation"), base_dir)
         server = None if data.get("server") in (None, False) else _section(ServerSettings, data["server"], "server")
         webhook = None if data.get("webhook") in (None, False) else _section(WebhookSettings, data["webhook"],
@@ -189,10 +211,12 @@ class BotConfig:
             raise ConfigError("webhook: needs a `server: {host, port}` to receive the Hub's deliveries.")
         if webhook and not webhook.path.startswith("/"):
             raise ConfigError(f"webhook.path must start with '/' (got {webhook.path!r}).")
+        if webhook and webhook.max_body_bytes < 1024:
+            raise ConfigError("webhook.max_body_bytes must be at least 1024 (the Hub's payloads are a few KB).")
         polling = data.get("polling") or {}
         _check_keys(polling, ("interval_s",), "polling")
         target_org = data.get("target_org")
-        if target_org is not None and not NAMESPACE_RE.match(str(target_org)):
+        if target_org is not None and not valid_repo_id(f"{target_org}/x"):
             raise ConfigError(f"target_org {target_org!r} is not a valid user or organization name.")
         watch = tuple(_watch_entry(e, i) for i, e in enumerate(data.get("watch") or []))
         if not watch:
@@ -209,13 +233,26 @@ class BotConfig:
         if publish_dtype not in ("source", "float32", "bfloat16", "float16"):
             raise ConfigError(f"publish_dtype must be source, float32, bfloat16 or float16 (got {publish_dtype!r}).")
         return cls(hub=hub, target_org=target_org, database=database if database.is_absolute() else base_dir / database,
-                   watch=watch, limits=limits, evaluation=evaluation, server=server, webhook=webhook,
+                   watch=watch, limits=limits, visibility=visibility, evaluation=evaluation, server=server,
+                   webhook=webhook,
                    poll_interval_s=float(polling.get("interval_s") or 0), device=str(data.get("device") or "cpu"),
                    publish_dtype=publish_dtype, torch_threads=_positive_int(data.get("torch_threads"), "torch_threads"),
                    work_dir=Path(work_dir) if work_dir else None)
 
     def entries_for(self, repo_id: str) -> list[WatchEntry]:
         return [e for e in self.watch if e.matches(repo_id)]
+
+
+def valid_repo_id(repo_id: str) -> bool:
+    """huggingface_hub's own check of a repo id (no '..', '--', path separators, at most 96 characters)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(repo_id))
+    except HFValidationError:
+        return False
+    return True
 
 
 def _positive_int(value, where: str) -> int | None:
@@ -298,9 +335,9 @@ def _watch_entry(data, index: int) -> WatchEntry:
     repo, author = data.get("repo"), data.get("author")
     if bool(repo) == bool(author):
         raise ConfigError(f"{where} needs exactly one of `repo: owner/name` or `author: name`.")
-    if repo and not REPO_ID_RE.match(repo):
+    if repo and ("/" not in repo or not valid_repo_id(repo)):
         raise ConfigError(f"{where}.repo {repo!r} is not a repo id of the form owner/name.")
-    if author and not NAMESPACE_RE.match(author):
+    if author and not valid_repo_id(f"{author}/x"):
         raise ConfigError(f"{where}.author {author!r} is not a user or organization name.")
     publish = data.get("publish", "repo")
     if publish not in ("repo", "pr"):

@@ -30,6 +30,26 @@ class PermanentJobError(BotError):
 class TransientJobError(BotError):
     """A job failed for a reason that may go away (retried with backoff)."""
 
+    retry_after_s: float | None = None
+
+
+class HubThrottled(TransientJobError):
+    """The Hub asked to come back later (429/5xx with a Retry-After longer than the bot waits inline): the job goes
+    back to the queue, due after the (capped) delay, instead of a worker sleeping on it."""
+
+    def __init__(self, status: int, retry_after_s: float, url: str):
+        super().__init__(f"Hub answered {status} with Retry-After: {retry_after_s:g}s ({url})")
+        self.retry_after_s = retry_after_s
+
+
+class Interrupted(BotError):
+    """The worker was told to stop (or lost its lease on the job) before the job finished: the job is given back
+    to the queue unfinished, its attempt not counted."""
+
+
+class Superseded(BotError):
+    """The target already holds a variant of a newer commit of the source: publishing this one would go back."""
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -79,7 +99,7 @@ def classify(err: BaseException) -> Failure:
     if isinstance(err, PermanentJobError):
         return Failure(True, str(err))
     if isinstance(err, TransientJobError):
-        return Failure(False, str(err))
+        return Failure(False, str(err), err.retry_after_s)
     if isinstance(err, GatedRepoError):
         return Failure(True, f"The source repo is gated and the bot's account has no access ({_first_line(err)}). "
                              "Request access for the bot's user, or stop watching the repo.")

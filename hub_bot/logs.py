@@ -97,4 +97,20 @@ def setup_logging(level: str | int = "INFO", fmt: str = "json", stream=None, pat
     root.setLevel(level if isinstance(level, int) else level.upper())
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _route_libraries()
     return handler
+
+
+def _route_libraries() -> None:
+    """Libraries that print on their own (transformers' handler, Python warnings) go through this handler too,
+    so that every line the bot writes is one of its log lines (JSON for `run`)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    for name in ("transformers", "huggingface_hub", "uvicorn", "uvicorn.error"):
+        library = logging.getLogger(name)
+        for old in [h for h in library.handlers if not getattr(h, "_hub_bot", False)]:
+            library.removeHandler(old)
+        library.propagate = True
+    logging.captureWarnings(True)

@@ -71,9 +71,25 @@ def check_download(folder: Path) -> dict:
     if config.get("auto_map"):
         raise PermanentJobError("The source needs custom modeling code (auto_map in config.json); the bot never runs "
                                 "repository code.")
-    if not any(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
         raise PermanentJobError("The source has no *.safetensors weights at this commit.")
+    for path in weights:
+        check_safetensors(path)
     return config
+
+
+def check_safetensors(path: Path) -> None:
+    """A file named *.safetensors that is not one (e.g. a pickle renamed) is refused for good, never loaded."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # SafetensorError, or an OS error on a truncated header
+        raise PermanentJobError(f"{path.name} is not a safetensors file ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0][:200] if str(err) else 'unreadable header'}); the bot "
+                                "only loads safetensors weights.") from None
 
 
 def publish_dtype(setting: str, source_config: dict) -> torch.dtype | None:

@@ -1,17 +1,29 @@
 """Running jobs, one at a time: check the source, download it at the exact commit (safetensors and JSON only,
 never code), prune, evaluate, write the variant with its card, publish, and record the outcome.
 
+Each job is held under an exclusive lease (store.py) that a heartbeat renews while the job runs. The three
+stages are separate: `check` (read-only Hub calls: the commit is on main, no newer commit of the same variant is
+published or queued, the source is acceptable), `build` (download, prune, measure, write the folder; no Hub
+writes, so it could run elsewhere) and `publish` (idempotent, see publisher.py). Between stages (and between the
+layers of pruning) the worker looks at its stop flag and its lease: when told to stop, or when the lease was
+lost, it gives the job back unfinished (released, the attempt not counted) instead of publishing.
+
 A job that fails is classified (errors.classify): transient failures go back to the queue with exponential
-backoff (the Hub's Retry-After is honoured), permanent ones end in `failed` with their reason.
+backoff (the Hub's Retry-After is honoured, up to `limits.retry_after_max_s`), permanent ones end in `failed`
+with their reason. A repo the job created is deleted when the job fails for good.
 """
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,12 +31,14 @@ import core
 from core import LoadOptions, Recipe
 
 from . import card
+from .access import Access, AccessSync
 from .config import BotConfig
-from .errors import PermanentJobError, classify
+from .errors import Interrupted, PermanentJobError, Superseded, classify
 from .evaluation import Evaluator
+from .lineage import Lineage
 from .publisher import PR_FOLDER, Publication, Publisher
 from .source import ALLOW_PATTERNS, IGNORE_PATTERNS, check_download, check_source, content_key, publish_dtype
-from .store import Job, JobStore
+from .store import LOCAL_OWNER, Job, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -35,26 +49,87 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
+def local_owner() -> str:
+    """A lease owner id for this process's worker (unique across restarts)."""
+    return f"{LOCAL_OWNER}{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The checks passed: what the build and the publication need to know."""
+
+    access: Access  # the source's, at this commit
+    content: str  # hash of the source's model files
+
+
+@dataclass
+class Built:
+    """A variant written to `folder`, ready to publish."""
+
+    folder: Path
+    message: str
+    description: str
+    results: dict
+
+
+class Heartbeat:
+    """Renews a job's lease every third of its length until stopped; sets `lost` when the store refuses."""
+
+    def __init__(self, store: JobStore, job_id: int, owner: str, lease_s: float):
+        self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"hub-bot-lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.lease_s / 3):
+            if not self.store.renew(self.job_id, self.owner, self.lease_s):
+                logger.error("lost the lease of job %d: it will not be published by this worker", self.job_id)
+                self.lost.set()
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 class Worker:
-    def __init__(self, config: BotConfig, store: JobStore, api, publisher: Publisher,
-                 hooks: dict[str, Hook] | None = None):
+    def __init__(self, config: BotConfig, store: JobStore, api, publisher: Publisher, access: AccessSync,
+                 lineage: Lineage, hooks: dict[str, Hook] | None = None, stop: threading.Event | None = None,
+                 owner: str | None = None):
         self.config = config
         self.store = store
         self.api = api
         self.publisher = publisher
+        self.access = access
+        self.lineage = lineage
         self.evaluator = Evaluator(config.evaluation)
         self.hooks = hooks or {}
+        self.stop = stop or threading.Event()
+        self.owner = owner or local_owner()
         self.read_only = False  # set from whoami: a read-only token fails jobs before any work
+        self.idle = threading.Event()  # set while no job is held
+        self.idle.set()
+        self.thread: int | None = None  # the thread running the current job
+        self._heartbeat: Heartbeat | None = None
 
     # ---------------------------------------------------------------- loop
-    def run_pending(self, stop: threading.Event | None = None) -> int:
-        """Run due jobs until none is left (or `stop` is set); returns how many ran."""
+    def run_pending(self) -> int:
+        """Run due jobs until none is left (or the worker is told to stop); returns how many ran."""
         ran = 0
-        while not (stop and stop.is_set()):
-            job = self.store.claim()
-            if job is None:
-                return ran
-            self.process(job)
+        while not self.stop.is_set():
+            self.idle.clear()
+            try:
+                job = self.store.claim(self.owner, self.config.limits.lease_s)
+                if job is None:
+                    return ran
+                self.process(job)
+            finally:
+                self.idle.set()
             ran += 1
         return ran
 
@@ -62,17 +137,30 @@ class Worker:
         """Run one claimed job and record its outcome; returns the new state."""
         fields = job.log_fields
         logger.info("job started (attempt %d)", job.attempts, extra=fields)
-        self._hook("claimed", job)
+        self.thread = threading.get_ident()
         started = time.monotonic()
         try:
-            publication, results = self._execute(job)
+            with Heartbeat(self.store, job.id, self.owner, self.config.limits.lease_s) as heartbeat:
+                self._heartbeat = heartbeat
+                self._hook("claimed", job)
+                publication, results = self._execute(job)
+        except Interrupted as why:
+            released = self.store.release(job.id, self.owner, f"released unfinished: {why}")
+            logger.warning("job given back unfinished: %s", why, extra=fields | {"state": "queued" if released
+                                                                                  else "lost"})
+            return "queued"
         except Exception as err:  # KeyboardInterrupt/SystemExit leave the job running: recovered at restart
             return self._failed(job, err)
+        finally:
+            self.thread, self._heartbeat = None, None
         results["seconds"] = round(time.monotonic() - started, 2)
-        self.store.finish(job.id, publication.repo, publication.commit or None, publication.url or None, results)
-        logger.info("job done: %s %s", "published" if publication.new else results.get("note", "nothing to push"),
-                    publication.url, extra=fields | {"state": "done", "output": publication.repo,
-                                                     "commit": publication.commit[:12]})
+        if not self.store.finish(job.id, self.owner, publication.repo, publication.commit or None,
+                                 publication.url or None, results):
+            logger.error("job finished but its lease was lost: not recorded here", extra=fields)
+            return "lost"
+        note = "published" if publication.new else results.get("note", "nothing to push")
+        logger.info("job done: %s %s", note, publication.url, extra=fields | {
+            "state": "done", "output": publication.repo, "commit": publication.commit[:12]})
         return "done"
 
     def _failed(self, job: Job, err: Exception) -> str:
@@ -81,65 +169,133 @@ class Worker:
         retry_at = None
         if not failure.permanent and job.attempts < limits.max_attempts:
             delay = min(limits.backoff_max_s, limits.backoff_s * 2 ** (job.attempts - 1))
-            retry_at = time.time() + max(delay, failure.retry_after_s or 0.0)
+            retry_at = time.time() + max(delay, min(failure.retry_after_s or 0.0, limits.retry_after_max_s))
         reason = failure.reason
         if not failure.permanent and retry_at is None:
             reason = f"gave up after {job.attempts} attempts: {reason}"
-        state = self.store.fail(job.id, reason, failure.permanent, retry_at)
-        extra = job.log_fields | {"state": state, "permanent": failure.permanent}
+        state = self.store.fail(job.id, self.owner, reason, failure.permanent, retry_at)
+        extra = job.log_fields | {"state": state or "lost", "permanent": failure.permanent}
         if state == "queued":
             logger.warning("job failed, retry in %.1fs: %s", retry_at - time.time(), reason, extra=extra)
-        else:
+        elif state == "failed":
             logger.error("job failed: %s", reason, extra=extra, exc_info=not failure.permanent)
-        return state
+            self._clean_up(job)
+        else:
+            logger.error("job failed but its lease was lost: not recorded here (%s)", reason, extra=extra)
+        return state or "lost"
+
+    def _clean_up(self, job: Job) -> None:
+        """A repo the bot created for this variant that no other job publishes (or will publish) to is deleted:
+        no empty repo is left behind."""
+        if job.publish != "repo" or not self.store.created_target(job.target_repo) \
+                or self.store.target_in_use(job.target_repo, job.id):
+            return
+        try:
+            self.publisher.delete_created(job)
+        except Exception as err:  # it stays private (created so): log it for the operator
+            logger.error("could not delete %s (private, created by this failed job): %s", job.target_repo,
+                         classify(err).reason, extra=job.log_fields)
 
     def _hook(self, stage: str, job: Job) -> None:
         hook = self.hooks.get(stage)
         if hook is not None:
             hook(job)
 
+    def _interrupt_if_asked(self, where: str) -> None:
+        if self.stop.is_set():
+            raise Interrupted(f"the bot is stopping ({where})")
+        if self._heartbeat is not None and self._heartbeat.lost.is_set():
+            raise Interrupted(f"the job's lease was lost ({where})")
+
+    def _checkpoint(self, stage: str, job: Job) -> None:
+        """Between stages: give the job back when told to stop or when the lease is gone; then the test hooks."""
+        self._interrupt_if_asked(f"after {stage}")
+        self._hook(stage, job)
+
+    def _progress(self, stage: str, done: int, total: int) -> None:
+        """core.prune's progress callback: pruning a big model stops between layers too."""
+        self._interrupt_if_asked(f"{stage} {done}/{total}")
+
     # ---------------------------------------------------------------- one job
     def _execute(self, job: Job) -> tuple[Publication, dict]:
+        ready = self.check(job)
+        if not isinstance(ready, Ready):
+            return ready  # superseded, or already published
+        self._checkpoint("checked", job)
+        work = self.config.work_dir
+        if work:
+            work.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"hub-bot-job{job.id}-", dir=work))
+        try:
+            built = self.build(job, tmp, ready.content)
+            self._checkpoint("saved", job)
+            return self.publish(job, built, ready)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            gc.collect()  # the model's memory is back before the next job loads one
+
+    def check(self, job: Job) -> Ready | tuple[Publication, dict]:
+        """Read-only checks before any work: Ready to go on, or the job's outcome when there is nothing to do."""
         if self.read_only:
             raise PermanentJobError("The bot's token is read-only: it cannot create repos or push. Give the bot a "
                                     "token with the write role, then requeue the job.")
-        newer = self.store.newer_job(job)
-        if newer is not None:  # e.g. a retry that comes after the next commit: never publish older weights
-            return (Publication(job.target_repo, "main", "", "", new=False),
-                    {"note": f"superseded by job {newer.id} (commit {newer.source_sha[:10]})"})
         info = self.api.model_info(job.source_repo, revision=job.source_sha, files_metadata=True)
+        access = Access.of(info)
+        self.store.set_source_private(job.source_repo, access.private)
+        self._check_policy(job, access)
+        if not self.lineage.on_branch(job.source_repo, job.source_sha):
+            raise PermanentJobError(f"Commit {job.source_sha} is not on the main branch of {job.source_repo} (the head "
+                                    "of a pull request or of another branch?): the bot only prunes commits of main.")
+        for other in self.store.same_variant(job):  # order by the source's history, never by arrival
+            if self.lineage.is_ancestor(job.source_repo, job.source_sha, other.source_sha):
+                return self._settled(job, Publication(job.target_repo, "main", "", "", new=False),
+                                     f"superseded by job {other.id} (commit {other.source_sha[:10]}, a descendant)")
         check_source(info, self.config.limits.max_params)
         if info.gated:
             self.api.auth_check(job.source_repo)  # GatedRepoError without access: permanent
         content = content_key(info)
         existing = self.publisher.find(job, content)
         if existing is not None:  # e.g. the bot stopped after publishing, before recording it
-            return existing, {"note": "already published"}
-        work = self.config.work_dir
-        if work:
-            work.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"hub-bot-job{job.id}-", dir=work))
+            return self._settled(job, existing, "already published")
         try:
-            return self._build_and_publish(job, tmp, content)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            gc.collect()  # the model's memory is back before the next job loads one
+            self.publisher.check_not_newer(job)
+        except Superseded as why:
+            return self._settled(job, Publication(job.target_repo, "main", "", "", new=False), str(why))
+        return Ready(access, content)
 
-    def _build_and_publish(self, job: Job, tmp: Path, content: str) -> tuple[Publication, dict]:
+    def _check_policy(self, job: Job, access: Access) -> None:
+        if job.publish != "repo":
+            return  # a pull request on the source is exactly as visible as the source
+        policy = self.config.visibility
+        if access.private and policy.private_sources == "refuse":
+            raise PermanentJobError(f"{job.source_repo} is private and the config refuses variants of private sources "
+                                    "(visibility.private_sources: refuse).")
+        if access.gated and policy.gated_sources == "refuse":
+            raise PermanentJobError(f"{job.source_repo} is gated and the config refuses variants of gated sources "
+                                    "(visibility.gated_sources: refuse).")
+
+    def _settled(self, job: Job, publication: Publication, note: str) -> tuple[Publication, dict]:
+        """A job with nothing to build: its variant repo still follows the source's access."""
+        if job.publish == "repo":
+            self.access.sync_target(job.target_repo, job.source_repo, job.private)
+        return publication, {"note": note}
+
+    def build(self, job: Job, tmp: Path, content: str) -> Built:
+        """Download the source at its commit, prune, measure and write the variant folder (no Hub writes)."""
         src = Path(self.api.snapshot_download(job.source_repo, revision=job.source_sha, local_dir=tmp / "source",
                                               allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
         source_config = check_download(src)
         fields = job.log_fields
         logger.info("downloaded the source at its commit", extra=fields)
-        self._hook("downloaded", job)
+        self._checkpoint("downloaded", job)
         recipe = Recipe.from_yaml(job.recipe_yaml)
         model, tokenizer = core.load_model(str(src), LoadOptions(dtype=recipe.load.dtype, device=self.config.device,
                                                                  local_files_only=True))
         base = self.evaluator.base((job.source_repo, job.source_sha, recipe.load.dtype), model, tokenizer)
-        result = core.prune(model, tokenizer, recipe, base_model=str(src))
+        result = core.prune(model, tokenizer, recipe, progress=self._progress, base_model=str(src))
         logger.info("pruned: %s -> %s parameters", f"{result.params_before['total']:,}",
                     f"{result.params_after['total']:,}", extra=fields)
-        self._hook("pruned", job)
+        self._checkpoint("pruned", job)
         comparison = self.evaluator.compare(base, result.model, tokenizer)
         dtype = publish_dtype(self.config.publish_dtype, source_config)
         if dtype is not None:  # measured in the working dtype, published like the source (no bigger on disk)
@@ -148,27 +304,36 @@ class Worker:
                              url=f"{self.api.endpoint.rstrip('/')}/{job.source_repo}/commit/{job.source_sha}",
                              recipe_hash=job.recipe_hash, recipe_name=job.recipe_name)
         name = job.target_repo if job.publish == "repo" else f"{job.target_repo} ({PR_FOLDER}/{job.recipe_name})"
-        files = {"README.md": card.variant_card(result, source, name, comparison, card.source_license(src),
+        files = {"README.md": card.variant_card(result, source, name, comparison, card.source_terms(src),
                                                 self._snippet(job, result)),
                  "pruning_recipe.yaml": card.recipe_file(result, source, comparison)}
         out = core.save_pruned(result, tmp / "variant", repo_name=name, extra_files=files)
-        self._hook("saved", job)
         summary = result.summary()
         del model, result
-        message = f"{job.recipe_name} of {job.source_repo}@{job.source_sha[:10]}"
         ppl = f"{comparison.base.perplexity:.3f} -> {comparison.pruned.perplexity:.3f}" \
             if comparison.pruned.perplexity is not None else "not measured"
         description = (f"Pruned from {source.url} with recipe `{job.recipe_name}` (hash {job.recipe_hash}): "
                        f"{summary['params_before']:,} -> {summary['params_after']:,} parameters, perplexity {ppl}.")
-        publication = self.publisher.publish(job, out, content, message, description)
-        self._hook("published", job)
         results = {"params_before": summary["params_before"], "params_after": summary["params_after"],
                    "removed_fraction": summary["params_removed_fraction"], "uniform": summary["uniform"],
                    "perplexity_base": _round(comparison.base.perplexity),
                    "perplexity_pruned": _round(comparison.pruned.perplexity),
                    "speed_ratios": {k: round(v, 4) for k, v in comparison.ratios.items() if "speedup" in k},
                    "lm_eval": comparison.pruned.lm_eval}
-        return publication, results
+        return Built(Path(out), f"{job.recipe_name} of {job.source_repo}@{job.source_sha[:10]}", description, results)
+
+    def publish(self, job: Job, built: Built, ready: Ready) -> tuple[Publication, dict]:
+        """Push the built folder (idempotent), then give the variant repo the source's access."""
+        try:
+            publication = self.publisher.publish(job, built.folder, ready.content, built.message, built.description,
+                                                 ready.access.for_variant(job.private),
+                                                 on_created=lambda: self.store.mark_created_target(job.id))
+        except Superseded as why:  # a newer commit landed while this one was built
+            return self._settled(job, Publication(job.target_repo, "main", "", "", new=False), str(why))
+        self._hook("published", job)
+        if job.publish == "repo":
+            self.access.sync_target(job.target_repo, job.source_repo, job.private)
+        return publication, dict(built.results) if publication.new else {"note": "already published"}
 
     def _snippet(self, job: Job, result) -> str | None:
         if job.publish == "repo":

@@ -37,7 +37,8 @@ def bundle(out: Path) -> Path:
     (out / "app.py").write_text(APP, encoding="utf-8")
     lines = (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
     keep = [line for line in lines if not line.strip().lower().startswith(NOT_ON_SPACE)]
-    keep += ["# Sign in with Hugging Face (gradio[oauth])", "authlib", "itsdangerous"]
+    keep += ["# Sign in with Hugging Face (gradio[oauth])", "authlib", "itsdangerous",
+             "# ZeroGPU hardware (a no-op on any other hardware)", "spaces"]
     (out / "requirements.txt").write_text("\n".join(keep) + "\n", encoding="utf-8")
     logger.info("wrote %s", out)
     return out

@@ -16,6 +16,15 @@ from .evaluation import Evidence
 SPACE_TAG = "pruning-space"
 
 
+def record_base_name(folder: Path, name: str) -> None:
+    """Name the base model in the saved recipe as the user chose it (the core saved it from a server folder,
+    which is where it found the base model's license)."""
+    path = folder / RECIPE_FILE
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc["result"]["base_model"] = name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
 def write_card(folder: Path, repo_id: str, evidence: Evidence, base_repo: str | None,
                base_label: str) -> ModelCard:
     """(Re)write `folder/README.md` for `repo_id`. `base_repo`: the base model's Hub id (None for local models)."""

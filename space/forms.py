@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,33 @@ from core.recipe import Recipe
 from .errors import SpaceError, friendly
 
 TARGET_KINDS = {
-    "ratio": "ratio of the pruned part",
-    "param_ratio": "ratio of all parameters",
+    "ratio": "share of the pruned part",
+    "param_ratio": "share of all parameters",
     "target_params": "parameters after pruning",
+}
+# what people call the registry's methods and scores; the id is shown in small print next to it
+METHOD_TITLES = {
+    "mlp_width": "MLP neurons (width pruning)",
+    "attention_heads": "Attention heads",
+    "depth": "Whole layers or sub-layers (depth pruning)",
+    "slimllm": "SlimLLM: attention heads and MLP channels",
+}
+SCORE_TITLES = {
+    "maw": "Largest weight (max |w|)",
+    "maw_range": "Weight range (max + |min|)",
+    "vow": "Variance of the weights",
+    "pon": "Product of weight norms",
+    "l2": "Weight norms (L2)",
+    "activation": "Activations on data (Wanda-style)",
+    "magnitude": "Weight magnitude",
+    "random": "Random (baseline)",
+    "cosine": "Block influence (cosine)",
+    "angular": "Angular distance",
+    "ppl_drop": "Loss when removed (perplexity drop)",
+    "relative_update_norm": "Relative size of the update",
+    "update_norm": "Size of the update",
+    "shapley_loo": "Shapley value (leave one out)",
+    "shapley_mc": "Shapley value (Monte Carlo)",
 }
 CALIBRATION_SOURCES = {"shipped": "shipped text", "dataset": "a dataset on the Hub", "upload": "an uploaded file"}
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
@@ -49,12 +74,30 @@ class Form:
     lm_eval: bool = False
     lm_eval_tasks: str = "pydoc_cloze"
     lm_eval_limit: int = 50
+    measure_speed: bool = False
 
 
 # -- methods from the registry -----------------------------------------------------------------------------------
 
 def method_names() -> list[str]:
     return list(METHODS)
+
+
+def _title(name: str, titles: dict[str, str]) -> str:
+    return titles.get(name) or name.replace("_", " ").capitalize()
+
+
+def method_title(name: str) -> str:
+    return _title(name, METHOD_TITLES)
+
+
+def score_title(name: str) -> str:
+    return _title(name, SCORE_TITLES)
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """(label, id) pairs for the method dropdown."""
+    return [(method_title(name), name) for name in METHODS]
 
 
 def method_doc(name: str) -> str:
@@ -68,7 +111,8 @@ def score_choices(name: str) -> list[tuple[str, str]]:
     method = METHODS.get(name)
     if method.scores is None:
         return []
-    return [(f"{s}{' (uses data)' if method.scores.get(s).needs_data else ''}", s) for s in method.scores]
+    return [(f"{score_title(s)}{' · uses data' if method.scores.get(s).needs_data else ''}", s)
+            for s in method.scores]
 
 
 def score_doc(method: str, score: str | None) -> str:
@@ -98,8 +142,11 @@ def parse_options(name: str, text: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise SpaceError(f"The method options are not valid YAML ({getattr(err, 'problem', None) or err}). Write "
-                         "one `name: value` per line.") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpaceError(f"The method options are not valid YAML ({where}{problem}). Write one `name: value` per "
+                         "line, e.g. `mode: kv_group`, with lists in brackets: `[1, 2]`.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -110,25 +157,45 @@ def parse_options(name: str, text: str) -> dict:
 
 # -- target and calibration ---------------------------------------------------------------------------------------
 
+_PERCENT = re.compile(r"^([0-9]*\.?[0-9]+)\s*%$")
+
+
+def parse_ratio(value) -> float:
+    """The share to remove: a fraction (0.3) or a percentage ("30%"). A share that removes nothing (0) or
+    everything (1, 100%) is refused."""
+    text = str(value if value is not None else "").strip()
+    percent = _PERCENT.match(text)
+    try:
+        number = float(percent.group(1)) / 100 if percent else float(text)
+    except ValueError:
+        raise SpaceError(f"The share to remove must be a number such as 0.3 or a percentage such as 30% (got "
+                         f"{text!r}).") from None
+    shown = text if percent else f"{number:g}"
+    if number == 0:
+        raise SpaceError("A share of 0 removes nothing, so the result would be the unchanged model. Choose how "
+                         "much to remove, e.g. 0.3 or 30%.")
+    if not 0.0 < number < 1.0:
+        hint = f" Did you mean {number:g}%?" if 1 < number < 100 and number.is_integer() and not percent else ""
+        raise SpaceError(f"The share to remove must be between 0 and 1 (or 0% and 100%), not {shown}.{hint} For "
+                         "example 0.3 or 30% removes 30%.")
+    return number
+
+
 def parse_target(kind: str, value) -> Target:
     text = str(value if value is not None else "").strip()
     if kind not in TARGET_KINDS:
         raise SpaceError(f"Unknown target kind {kind!r}; choose one of {', '.join(TARGET_KINDS)}.")
     if kind == "target_params":
         try:
-            return Target(target_params=parse_count(text))
+            count = parse_count(text)
         except argparse.ArgumentTypeError:
             raise SpaceError(f"The parameter count must look like 800M, 1.2B or 123456 (got {text!r}).") from None
         except PruningError as err:
             raise SpaceError(friendly(err)) from None
-    try:
-        number = float(text)
-    except ValueError:
-        raise SpaceError(f"The target ratio must be a number in [0, 1), e.g. 0.3 (got {text!r}).") from None
-    if not 0.0 <= number < 1.0:
-        raise SpaceError(f"The target ratio must be in [0, 1): it is the fraction removed (got {number:g}). "
-                         "For example 0.3 removes 30%.")
-    return Target(**{kind: number})
+        if count <= 0:
+            raise SpaceError("The parameters after pruning must be more than 0, e.g. 800M.")
+        return Target(target_params=count)
+    return Target(**{kind: parse_ratio(text)})
 
 
 def calibration(form: Form, max_upload_mb: int) -> CalibrationConfig:

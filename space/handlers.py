@@ -1,12 +1,13 @@
 """What each control of the page does, without gradio: the app passes plain values in and shows what comes back.
 
-A job: validate the form and the model, load it, measure the base model, prune (progress per layer), measure the
-pruned model, save it with its recipe and a card carrying the measurements, zip it. Every failure raises a
-`SpaceError` with a readable message (see `errors.friendly`); the job's folder is removed on failure and when its
-result is evicted.
+A job: validate the form, wait in line, check the model and download it, then (on the GPU when there is one) load
+it, measure the base model, prune (progress per layer), measure the pruned model, optionally measure the speed of
+both, save it with its recipe and a card carrying the measurements; zip it. Every failure becomes a readable message
+(see `errors.friendly`); the job's folder is removed on failure, on cancellation and when its result is evicted.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import shutil
@@ -14,6 +15,7 @@ import time
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -22,11 +24,12 @@ from core.layer_config import layer_shapes
 from core.model_io import LoadOptions, load_model, load_pruned, load_tokenizer
 from core.speed import folder_bytes
 
-from . import card, chart, evaluation, forms, hub, models
-from .errors import SpaceError
+from . import card, chart, evaluation, forms, gpu, hub, models
+from .errors import Redactor, SpaceError
 from .evaluation import Evidence
-from .jobs import JobSlot, Reporter, ResultStore
-from .settings import Settings
+from .jobs import Cancelled, JobQueue, Reporter, ResultStore, Ticket, stream
+from .settings import ROOT, Settings
+from .stages import Board
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class JobResult:
     zip_path: Path
     method: str
     seconds: float
+    warning: str | None = None  # the model came out badly damaged
 
     def suggest_repo(self, user: str | None) -> str:
         return hub.suggest_repo_id(user, self.model.short_name, self.method, self.evidence.removed_fraction)
@@ -62,13 +66,15 @@ def method_form(method: str) -> dict:
 
 
 def method_help(method: str, score: str | None, options_text: str = "") -> str:
+    """The method's and the score's description, their ids in small print (as recipes and the CLI name them)."""
     text = forms.method_doc(method)
     doc = forms.score_doc(method, score)
     if doc:
-        text += f"\n\n**{score}**: {doc}"
+        text += f"\n\n**{forms.score_title(score)}**: {doc}"
     data = forms.needs_calibration(method, score, options_text)
     text += ("\n\n*Uses calibration data (below).*" if data else "\n\n*Weights only: no calibration data needed.*")
-    return text
+    ids = f"method `{method}`" + (f" · score `{score}`" if doc else "")
+    return text + f"\n\n<small>In recipes and on the command line: {ids}</small>"
 
 
 def check_model(text: str, settings: Settings, oauth_token: str | None = None) -> str:
@@ -78,105 +84,229 @@ def check_model(text: str, settings: Settings, oauth_token: str | None = None) -
 
 # -- the job -------------------------------------------------------------------------------------------------------
 
-class _Steps:
-    """Maps the job's stages onto one progress bar."""
+@dataclass
+class Prepared:
+    """What the checks and the download hand to the GPU part (it pickles: on ZeroGPU it crosses processes)."""
 
-    SPANS = {"load": (0.0, 0.1), "base": (0.1, 0.25), "prune": (0.25, 0.6), "pruned": (0.6, 0.75),
-             "speed": (0.75, 0.9), "save": (0.9, 1.0)}
-
-    def __init__(self, reporter: Reporter) -> None:
-        self.reporter = reporter
-
-    def __call__(self, stage: str, text: str, part: float = 0.0) -> None:
-        lo, hi = self.SPANS[stage]
-        self.reporter.progress(lo + (hi - lo) * part, text)
-
-    def prune_callback(self, name: str, done: int, total: int) -> None:
-        self("prune", f"pruning ({name}): layer {done}/{total}", done / max(total, 1))
-        logger.info("pruning (%s): layer %d/%d", name, done, total)
+    info: models.ModelInfo
+    recipe: core.Recipe
+    base_folder: Path
+    calib_name: str | None
 
 
-def run_job(form: forms.Form, settings: Settings, store: ResultStore, slot: JobSlot, session: str,
-            reporter: Reporter, oauth_token: str | None = None, user: str | None = None) -> JobResult:
-    """One job, start to finish; its folder is kept in `store` on success and deleted on any failure."""
-    job_id = slot.acquire()
-    folder = None
+@dataclass
+class Measured:
+    """What the GPU part hands back (pickles too: no models in it)."""
+
+    evidence: Evidence
+    chart_rows: list
+    method: str
+    recipe_yaml: str
+
+
+def job_stages(form: forms.Form) -> list[str]:
+    keys = ["check", "download", "load", "base", "prune", "pruned"]
+    return keys + (["speed"] if form.measure_speed else []) + ["save"]
+
+
+def run_job(form: forms.Form, settings: Settings, store: ResultStore, jobs: JobQueue, session: str,
+            oauth_token: str | None = None, user: str | None = None) -> Iterator[tuple]:
+    """One job, start to finish, as events for the page:
+
+    ('wait', jobs ahead, expected seconds or None) while it waits in line; ('stage', Board) as it runs;
+    ('log', line); then ('done', JobResult), ('error', message) or ('cancelled', message).
+
+    The job's folder is kept in `store` on success and deleted on failure and cancellation. Closing this generator
+    (the page went away) cancels the job too.
+    """
     try:
-        logger.info("job %d started", job_id)
-        folder = store.new_folder(job_id)
-        res = _job(job_id, folder, form, settings, reporter, oauth_token, user)
-        store.put(job_id, session, folder, res)
-        logger.info("job %d done in %.1f s", job_id, res.seconds)
-        reporter.progress(1.0, "done")
+        forms.build_recipe(form, None, settings.max_upload_mb)  # settings wrong for any model fail before the line
+        ticket = jobs.join(session)
+    except SpaceError as err:
+        yield ("error", str(err))
+        return
+    board = Board(job_stages(form), jobs.history, kind=f"{form.method}/{form.score or ''}")
+    try:
+        yield from jobs.wait_turn(ticket)
+        ticket.board = board
+        board.start()
+        yield ("done", (yield from _run(ticket, board, form, settings, store, jobs, oauth_token, user)))
+    except Cancelled:
+        logger.info("job %d cancelled", ticket.id)
+        yield ("cancelled", "Cancelled: the job stopped and its files were deleted." if ticket.started
+               else "Cancelled before it started.")
+    except SpaceError as err:
+        logger.info("job %d failed: %s", ticket.id, err)
+        yield ("error", str(err))
+    finally:
+        jobs.leave(ticket)
+        gc.collect()  # the models died with the job's frames: give their memory back now
+
+
+def _run(ticket: Ticket, board: Board, form: forms.Form, settings: Settings, store: ResultStore, jobs: JobQueue,
+         oauth_token: str | None, user: str | None) -> Iterator[tuple]:
+    start = time.perf_counter()
+    folder = store.new_folder(ticket.id)
+    redact = Redactor({str(folder): "job folder", str(store.root): "job folders",
+                       str(settings.default_model): settings.default_model_label, str(ROOT): "."})
+    try:
+        logger.info("job %d started", ticket.id)
+        yield ("log", f"job {ticket.id} started")
+        token = hub.read_token(oauth_token, settings)
+        prep = yield from _relay(stream(functools.partial(_prepare, form=form, settings=settings, folder=folder,
+                                                          token=token), redact=redact), board, ticket)
+        board.params = prep.info.params
+        measured = yield from _relay(run_on_gpu(prep, form, settings, folder, user, redact), board, ticket)
+        repo_id = hub.suggest_repo_id(user, prep.info.short_name, measured.method,
+                                      measured.evidence.removed_fraction)
+        zip_path = yield from _relay(stream(functools.partial(_zip, folder=folder, name=repo_id.split("/")[-1]),
+                                            redact=redact), board, ticket)
+        res = JobResult(ticket.id, prep.info, measured.recipe_yaml, measured.evidence, measured.chart_rows,
+                        folder / "model", prep.base_folder, zip_path, measured.method, time.perf_counter() - start,
+                        measured.evidence.damage(settings.ppl_warn_ratio))
+        store.put(ticket.id, ticket.session, folder, res)
+        board.finish()
+        jobs.history.record(board)
+        logger.info("job %d done in %.1f s", ticket.id, res.seconds)
+        yield ("log", f"job {ticket.id} done in {res.seconds:.1f} s")
         return res
     except BaseException:
-        if folder is not None:
-            store.discard(folder)
+        store.discard(folder)
         raise
-    finally:  # the models died with _job's frame: give their memory back now
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        slot.release()
 
 
-def _job(job_id: int, folder: Path, form: forms.Form, settings: Settings, reporter: Reporter,
-         oauth_token: str | None, user: str | None) -> JobResult:
-    start = time.perf_counter()
-    steps = _Steps(reporter)
-    steps("load", "checking the model")
-    token = hub.read_token(oauth_token, settings)
+def _relay(events: Iterator[tuple], board: Board, ticket: Ticket, refresh: float = 1.0, busy: float = 0.25
+           ) -> Iterator[tuple]:
+    """Pass one part's events on to the page (progress through `board`, at most every `busy` seconds unless the
+    stage changes; every `refresh` seconds the clocks move on) and return its value. Stops the part, and waits until
+    it has stopped, when the ticket is cancelled or the page goes away."""
+    shown, stage = 0.0, None
+    try:
+        for event in events:
+            ticket.check()
+            kind = event[0]
+            if kind == "progress":
+                board.update(*event[1:])
+            elif kind == "log":
+                yield event
+                continue
+            elif kind == "done":
+                return event[1]
+            elif kind == "error":
+                raise SpaceError(event[1])
+            elif kind == "cancelled":
+                raise Cancelled()
+            now, current = time.monotonic(), board.current
+            if current is not stage or now - shown >= (busy if kind == "progress" else refresh):
+                shown, stage = now, current
+                yield ("stage", board)
+        raise SpaceError("The job ended without a result.")  # a stream always ends with one; defensive
+    finally:
+        events.close()
+
+
+def _prepare(reporter: Reporter, form: forms.Form, settings: Settings, folder: Path, token) -> Prepared:
+    """Check the model and the settings (config only), then download the model into the job's folder."""
+    reporter.stage("check", None, "reading the model's configuration")
     info = models.resolve(form.model, settings, token)
     recipe = forms.build_recipe(form, info.recipe_model, settings.max_upload_mb)
+    wanted = recipe.target.target_params
+    if wanted is not None and wanted >= info.params:
+        raise SpaceError(f"The model has {models.fmt_params(info.params)} parameters, so keeping "
+                         f"{models.fmt_params(wanted)} removes nothing. Give a smaller number of parameters after "
+                         "pruning, or a share to remove.")
     recipe, calib_name = _own_calibration(recipe, folder)
-    logger.info("model %s: %s parameters; recipe %s / %s", info.label, models.fmt_params(info.params),
-                recipe.method, recipe.score or "-")
-    steps("load", f"loading {info.label}", 0.3)
-    base_folder = models.fetch(info, folder / "base", settings, token)
-    model, tokenizer = load_model(str(base_folder), LoadOptions())
+    logger.info("model %s: %s parameters; method %s, score %s", info.label, models.fmt_params(info.params),
+                recipe.method, recipe.score or "the method's default")
+    base_folder = info.path
+    if base_folder is None:
+        size = f" ({info.weight_bytes / 1e9:,.1f} GB)" if info.weight_bytes else ""
+        reporter.stage("download", None, f"{info.repo_id}{size}")
+        base_folder = models.fetch(info, folder / "base", settings, token)
+    return Prepared(info, recipe, base_folder, calib_name)
+
+
+def _gpu_part(prep: Prepared, form: forms.Form, settings: Settings, folder: Path, user: str | None,
+              redact: Redactor) -> Iterator[tuple]:
+    """Load, measure, prune, measure, save: the part that uses the GPU (a generator of `stream` events, so that
+    on ZeroGPU the progress crosses from the GPU process to the page)."""
+    try:
+        yield from stream(functools.partial(_prune_and_measure, prep=prep, form=form, settings=settings,
+                                            folder=folder, user=user), redact=redact)
+    finally:  # the models died with the job's thread: give their memory back now
+        gc.collect()
+        if torch.cuda.is_available():  # here even on ZeroGPU: this runs in the process that holds the GPU
+            torch.cuda.empty_cache()
+
+
+def _gpu_seconds(prep: Prepared, form: forms.Form, settings: Settings, *_) -> int:
+    return gpu.job_seconds(prep.info.params, form.measure_speed, form.lm_eval, settings.gpu_max_seconds)
+
+
+run_on_gpu = gpu.gpu_task(_gpu_part, duration=_gpu_seconds)
+
+
+def _prune_and_measure(reporter: Reporter, prep: Prepared, form: forms.Form, settings: Settings, folder: Path,
+                       user: str | None) -> Measured:
+    info, opts = prep.info, LoadOptions(device=settings.device)
+    reporter.stage("load", None, f"{info.label}, {models.fmt_params(info.params)} parameters")
+    model, tokenizer = load_model(str(prep.base_folder), opts)
+    logger.info("loaded on %s (%s)", next(model.parameters()).device, str(next(model.parameters()).dtype)[6:])
     tasks = [t.strip() for t in form.lm_eval_tasks.split(",") if t.strip()] if form.lm_eval else None
     measured = evaluation.eval_settings(settings, tasks, int(form.lm_eval_limit or 0) or None)
     prompt = form.prompt or ""
 
-    def measure(stage: str):
+    def measure(stage: str, name: str):
         def step(what: str) -> None:
-            steps(stage, f"{stage} model: {what}", 0.5)
-            logger.info("%s model: %s", stage, what)
+            reporter.stage(stage, None, what)
+            logger.info("%s model: %s", name, what)
 
         m = evaluation.measure(model, tokenizer, measured, step)
-        logger.info("%s model: perplexity %.3f", stage, m.perplexity)
-        return m, (evaluation.generate(model, tokenizer, prompt, settings.generation_tokens) if prompt.strip()
-                   else None)
+        logger.info("%s model: perplexity %.3f", name, m.perplexity)
+        if not prompt.strip():
+            return m, None
+        step("sample generation")
+        return m, evaluation.generate(model, tokenizer, prompt, settings.generation_tokens)
 
-    base, base_text = measure("base")
+    def on_layer(name: str, done: int, total: int) -> None:
+        reporter.stage("prune", done / max(total, 1), f"{name}: layer {done} of {total}")
+        logger.info("pruning (%s): layer %d/%d", name, done, total)
+
+    base, base_text = measure("base", "base")
     before = [{"layer": i, **s.overrides()} for i, s in enumerate(layer_shapes(model.config))]
-    result = core.prune(model, tokenizer, recipe, progress=steps.prune_callback,
-                        base_model=info.repo_id or str(base_folder))
+    reporter.stage("prune", 0.0, "scoring")
+    result = core.prune(model, tokenizer, prep.recipe, progress=on_layer, base_model=str(prep.base_folder))
     result.base_revision = info.revision or result.base_revision
-    if calib_name:  # record the uploaded file's name, not the job folder's path
-        result.recipe = result.recipe.replace(calibration=replace(result.recipe.calibration, source=calib_name))
+    if result.params_after["total"] >= result.params_before["total"]:
+        raise SpaceError("Nothing was removed with these settings: the method removes whole units (neurons, heads "
+                         "or layers) and the target rounds to none. Remove a larger share.")
+    if prep.calib_name:  # record the uploaded file's name, not the job folder's path
+        result.recipe = result.recipe.replace(calibration=replace(result.recipe.calibration, source=prep.calib_name))
         result.calibration = result.recipe.calibration.describe()
-    pruned, pruned_text = measure("pruned")
-    steps("speed", "speed of both models")
-    logger.info("speed: base and pruned model, %d rounds", settings.speed_rounds)
-    base_again, _ = load_model(str(base_folder), LoadOptions())
-    base.speed, pruned.speed = evaluation.compare_speed(base_again, model, settings)
-    del base_again
+    pruned, pruned_text = measure("pruned", "pruned")
+    if form.measure_speed:
+        reporter.stage("speed", None, "base and pruned model, in alternation")
+        logger.info("speed: base and pruned model, %d rounds", settings.speed_rounds)
+        base_again, _ = load_model(str(prep.base_folder), opts)
+        reporter.check()
+        base.speed, pruned.speed = evaluation.compare_speed(base_again, model, settings)
+        del base_again
     evidence = Evidence(evaluation.Comparison(base, pruned, measured), prompt,
                         (base_text or "", pruned_text or "") if prompt.strip() else None)
     rows = chart.layer_rows(before, result.layers(), result.report.get("removed"))
-    steps("save", "saving the pruned model")
-    res = JobResult(job_id, info, "", evidence, rows, folder / "model", base_folder, folder / "model.zip",
-                    result.recipe.method, 0.0)
-    repo_id = res.suggest_repo(user)
-    core.save_pruned(result, res.folder, repo_name=repo_id)
-    evidence.disk_bytes = (info.weight_bytes, folder_bytes(res.folder))
-    res.recipe_yaml = (res.folder / "pruning_recipe.yaml").read_text(encoding="utf-8")
-    write_card(res, repo_id)
-    steps("save", "zipping", 0.5)
-    res.zip_path = zip_folder(res.folder, folder / f"{repo_id.split('/')[-1]}.zip")
-    res.seconds = time.perf_counter() - start
-    return res
+    reporter.stage("save", None, "writing the pruned model")
+    out = folder / "model"
+    repo_id = hub.suggest_repo_id(user, info.short_name, result.recipe.method, evidence.removed_fraction)
+    core.save_pruned(result, out, repo_name=repo_id)
+    card.record_base_name(out, info.base_name)  # by the name the user chose, never a server path
+    evidence.disk_bytes = (info.weight_bytes, folder_bytes(out))
+    card.write_card(out, repo_id, evidence, info.repo_id, info.base_name)
+    return Measured(evidence, rows, result.recipe.method, (out / "pruning_recipe.yaml").read_text(encoding="utf-8"))
+
+
+def _zip(reporter: Reporter, folder: Path, name: str) -> Path:
+    reporter.stage("save", None, "zipping")
+    return zip_folder(folder / "model", folder / f"{name}.zip")
 
 
 def _own_calibration(recipe: core.Recipe, folder: Path) -> tuple[core.Recipe, str | None]:
@@ -190,7 +320,7 @@ def _own_calibration(recipe: core.Recipe, folder: Path) -> tuple[core.Recipe, st
 
 
 def write_card(res: JobResult, repo_id: str) -> None:
-    card.write_card(res.folder, repo_id, res.evidence, res.model.repo_id, res.model.label)
+    card.write_card(res.folder, repo_id, res.evidence, res.model.repo_id, res.model.base_name)
 
 
 def zip_folder(folder: Path, target: Path) -> Path:
@@ -205,22 +335,40 @@ def zip_folder(folder: Path, target: Path) -> Path:
 
 # -- after the job -------------------------------------------------------------------------------------------------
 
-def regenerate(store: ResultStore, job_id: int | None, session: str, prompt: str,
-               settings: Settings) -> tuple[str, str]:
-    """Greedy continuations of `prompt` by the base and the pruned model of a finished job."""
-    res: JobResult = store.get(job_id, session)
-    if not prompt.strip():
-        raise SpaceError("Type a prompt first.")
-    tokenizer = load_tokenizer(str(res.folder))
+def _generate_pair(base_folder: Path, folder: Path, prompt: str, new_tokens: int, device: str | None
+                   ) -> tuple[str, str]:
+    tokenizer = load_tokenizer(str(folder))
     out = []
-    for loader in (lambda: load_model(str(res.base_folder), LoadOptions())[0], lambda: load_pruned(str(res.folder))):
+    for loader in (lambda: load_model(str(base_folder), LoadOptions(device=device))[0],
+                   lambda: load_pruned(str(folder), device=device)):
         model = loader()
         try:
-            out.append(evaluation.generate(model, tokenizer, prompt, settings.generation_tokens))
+            out.append(evaluation.generate(model, tokenizer, prompt, new_tokens))
         finally:
             del model
             gc.collect()
     return out[0], out[1]
+
+
+_generate_on_gpu = gpu.gpu_task(_generate_pair, duration=60)
+
+
+def regenerate(store: ResultStore, jobs: JobQueue, job_id: int | None, session: str, prompt: str,
+               settings: Settings) -> tuple[str, str]:
+    """Greedy continuations of `prompt` by the base and the pruned model of a finished job (in line with the jobs:
+    both models are loaded)."""
+    res: JobResult = store.get(job_id, session)
+    if not prompt.strip():
+        raise SpaceError("Type a prompt first.")
+    ticket = jobs.join(session)
+    try:
+        for _ in jobs.wait_turn(ticket):
+            pass
+        return _generate_on_gpu(res.base_folder, res.folder, prompt, settings.generation_tokens, settings.device)
+    except Cancelled:
+        raise SpaceError("Cancelled.") from None
+    finally:
+        jobs.leave(ticket)
 
 
 def push(store: ResultStore, job_id: int | None, session: str, repo_id: str, private: bool, settings: Settings,
@@ -230,7 +378,7 @@ def push(store: ResultStore, job_id: int | None, session: str, repo_id: str, pri
     token = hub.write_token(oauth_token, settings)
     repo_id = hub.check_repo_id(repo_id, token, settings)
     write_card(res, repo_id)
-    message = (f"Pruned {res.model.label} with {res.method} ({res.evidence.removed_fraction:.1%} of parameters "
+    message = (f"Pruned {res.model.base_name} with {res.method} ({res.evidence.removed_fraction:.1%} of parameters "
                "removed)")
     url = hub.push_folder(res.folder, repo_id, token, bool(private), settings, message)
     logger.info("pushed job %d to %s", res.job_id, repo_id)
@@ -239,17 +387,38 @@ def push(store: ResultStore, job_id: int | None, session: str, repo_id: str, pri
 
 # -- rendering -----------------------------------------------------------------------------------------------------
 
+def done_status(res: JobResult) -> str:
+    ev = res.evidence
+    before, after = ev.comparison.base, ev.comparison.pruned
+    ppl = (f"; perplexity {before.perplexity:,.2f} → {after.perplexity:,.2f}"
+           if before.perplexity and after.perplexity else "")
+    mark = "⚠ Done, but see the warning" if res.warning else "✔ Done"
+    return (f"{mark} in {res.seconds:.1f} s: {before.params:,} → {after.params:,} parameters "
+            f"({ev.removed_fraction:.1%} removed){ppl}.")
+
+
 def summary_markdown(res: JobResult) -> str:
     comparison = res.evidence.comparison
     rows = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in res.evidence.rows())
-    speed = comparison.base.speed or {}
     return (f"| measure | base | pruned | change |\n|---|--:|--:|--:|\n{rows}\n\n"
             f"<small>Perplexity on the first {comparison.pruned.eval_tokens:,} tokens of the "
-            f"{comparison.settings.text_label}. Speed on "
-            f"{speed.get('device', '?')} ({speed.get('dtype', '?')}), {speed.get('prompt_tokens', '?')}-token prompt, "
-            f"{speed.get('new_tokens', '?')} new tokens, both models measured in alternation: compare the ratios, "
-            "not the absolute times.</small>")
+            f"{comparison.settings.text_label}.</small>\n\n{evaluation.speed_markdown(comparison)}")
 
 
 def chart_markdown(res: JobResult) -> str:
     return "<h4 style='margin:0 0 6px'>Kept per layer</h4>" + chart.chart_html(res.chart_rows)
+
+
+def api_summary(res: JobResult) -> dict:
+    """The result of a job as plain data (the `/prune` API returns it with the zip)."""
+    ev, comparison = res.evidence, res.evidence.comparison
+    return {
+        "job_id": res.job_id, "base_model": res.model.base_name, "method": res.method,
+        "params_before": comparison.base.params, "params_after": comparison.pruned.params,
+        "removed_fraction": round(ev.removed_fraction, 6),
+        "perplexity_before": comparison.base.perplexity, "perplexity_after": comparison.pruned.perplexity,
+        "warning": res.warning, "speed": {"base": comparison.base.speed, "pruned": comparison.pruned.speed},
+        "lm_eval": {"base": comparison.base.lm_eval, "pruned": comparison.pruned.lm_eval},
+        "generations": list(ev.generations) if ev.generations else None,
+        "recipe": res.recipe_yaml, "seconds": round(res.seconds, 1),
+    }

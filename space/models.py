@@ -31,7 +31,7 @@ class ModelInfo:
     """A validated model: where it is, what it is, how big."""
 
     label: str  # shown in the page
-    recipe_model: str | None  # what the recipe records (None: the reference model)
+    recipe_model: str | None  # what the recipe records: the name the user chose (None: the reference model)
     repo_id: str | None  # Hub id, None for local folders
     path: Path | None  # local folder (None for Hub models until downloaded)
     revision: str | None
@@ -45,6 +45,12 @@ class ModelInfo:
     mlp: int
     params: int
     weight_bytes: int | None
+
+    @property
+    def base_name(self) -> str:
+        """The base model as recorded in results and cards: the Hub id or the name the user chose, never a path
+        on the server."""
+        return self.repo_id or self.recipe_model or self.label
 
     @property
     def short_name(self) -> str:
@@ -78,23 +84,24 @@ def resolve(text: str | None, settings: Settings, token: str | bool | None = Non
     """Validate the model box: empty = the default model; a Hub id; or (locally only) a folder."""
     text = (text or "").strip()
     if not text:
-        return _local(settings.default_model, settings, label=settings.default_model_label)
+        path = settings.default_model
+        return _local(path, settings, label=settings.default_model_label,
+                      recipe_model=None if path == REFERENCE_MODEL else path.name)
     if text.startswith(("/", "./", "../", "~")) or Path(text).is_dir():
         if not settings.allow_local_paths:
             raise SpaceError("Local folders are not accepted here: give a Hub model id such as `org/name`.")
-        return _local(Path(text).expanduser().resolve(), settings, label=text)
+        return _local(Path(text).expanduser().resolve(), settings, label=text, recipe_model=text)
     return _hub(text, settings, token)
 
 
-def _local(path: Path, settings: Settings, label: str) -> ModelInfo:
+def _local(path: Path, settings: Settings, label: str, recipe_model: str | None) -> ModelInfo:
     if not (path / "config.json").is_file():
         hint = (" Set SPACE_DEFAULT_MODEL to a model folder or type a Hub id." if path == settings.default_model
                 else "")
-        raise SpaceError(f"No model at {path} (config.json missing).{hint}")
+        raise SpaceError(f"No model at {label} (config.json missing).{hint}")
     files = list(path.glob("*.safetensors"))
     if not files:
         raise SpaceError(f"{label} has no *.safetensors weights; the Space loads safetensors only.")
-    recipe_model = None if path == REFERENCE_MODEL else str(path)
     return _describe(str(path), label=label, recipe_model=recipe_model, repo_id=None, path=path, revision=None,
                      weight_bytes=sum(f.stat().st_size for f in files))
 

@@ -24,6 +24,11 @@ class Settings:
     eval_tokens / eval_length: perplexity on the first N tokens of the held-out text, in windows of this length.
     speed_*: `core.speed.measure_speed` settings; small, since only base/pruned ratios are shown; each model is
         measured `speed_rounds` times in alternation with the other and keeps its best round.
+    measure_speed: whether the speed measurement is on by default (None: on with a GPU, off on a CPU, where it
+        takes most of a job's time).
+    device: where models run ('cpu', 'cuda', 'cuda:1'; None: a GPU when there is one).
+    ppl_warn_ratio: a loud warning when the pruned model's perplexity is more than this many times the base's.
+    gpu_max_seconds: the longest GPU time one job asks ZeroGPU for.
     allow_local_paths: accept server folders in the model box (never on a Space: it would expose the disk).
     endpoint: Hub URL (None: huggingface_hub's default, i.e. HF_ENDPOINT).
     work_dir: parent of the per-job temporary folders (None: the system temp folder).
@@ -43,6 +48,10 @@ class Settings:
     max_upload_mb: int = 50
     keep_results: int = 2
     queue_size: int = 8
+    measure_speed: bool | None = None
+    device: str | None = None
+    ppl_warn_ratio: float = 2.0
+    gpu_max_seconds: int = 300
     allow_local_paths: bool = field(default_factory=lambda: not on_space())
     on_space: bool = field(default_factory=on_space)
     endpoint: str | None = None
@@ -63,4 +72,20 @@ class Settings:
                 kwargs[key] = int(env[name])
         if env.get("SPACE_WORK_DIR"):
             kwargs["work_dir"] = Path(env["SPACE_WORK_DIR"])
+        if env.get("SPACE_MEASURE_SPEED"):
+            kwargs["measure_speed"] = env["SPACE_MEASURE_SPEED"].lower() in ("1", "true", "yes", "on")
+        if env.get("SPACE_DEVICE") and env["SPACE_DEVICE"] != "auto":
+            kwargs["device"] = env["SPACE_DEVICE"]
+        if env.get("SPACE_PPL_WARN"):
+            kwargs["ppl_warn_ratio"] = float(env["SPACE_PPL_WARN"])
+        if env.get("SPACE_GPU_MAX_SECONDS"):
+            kwargs["gpu_max_seconds"] = int(env["SPACE_GPU_MAX_SECONDS"])
         return cls(**kwargs)
+
+    def speed_by_default(self) -> bool:
+        """The speed checkbox's initial state: measured by default only where it is quick (a GPU)."""
+        if self.measure_speed is not None:
+            return self.measure_speed
+        from .gpu import has_gpu
+
+        return has_gpu(self.device)

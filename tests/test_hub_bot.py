@@ -9,13 +9,11 @@ and a bot that is SIGKILLed mid-job to test the restart.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,10 +27,13 @@ from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
 import core  # noqa: E402
-from conftest import hub_client_online, save_tiny, tiny_model  # noqa: E402
+from bot_support import (CHEAP, commits, drain, jobs_of, json_log_file, online_on_one_thread, push,  # noqa: E402
+                         subprocess_env, tiny_source, webhook_payload)
+from bot_support import bot_config as config  # noqa: E402
+from bot_support import post_hook as _post_hook  # noqa: E402
+from conftest import save_tiny, tiny_model  # noqa: E402
 from hub_bot.config import BotConfig  # noqa: E402
 from hub_bot.local_hub import start_local_hub  # noqa: E402
-from hub_bot.logs import JsonFormatter, RedactingFilter  # noqa: E402
 from hub_bot.service import Bot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,6 @@ SECRET = "whsec-test-0123456789"
 SOURCE = "alice/tiny-src"
 RECIPES = [{"method": "maw_range", "target": {"ratio": 0.3}},
            {"method": "slimllm", "target": {"ratio": 0.25}, "calibration": {"n_samples": 4, "seq_len": 32}}]
-CHEAP = {"method": "maw", "target": {"ratio": 0.5}}
 VARIANTS = {"maw_range-30pct": "pruners/tiny-src-maw_range-30pct", "slimllm-25pct": "pruners/tiny-src-slimllm-25pct"}
 IDS = [[5, 17, 33, 120, 7, 300, 41, 2, 9, 64]]
 
@@ -52,29 +52,15 @@ IDS = [[5, 17, 33, 120, 7, 300, 41, 2, 9, 64]]
 # -------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
 def client_online():
-    """Online client without Xet; one torch thread (tiny models on a shared, busy machine run faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with hub_client_online():
+    with online_on_one_thread():
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def log_file(tmp_path_factory):
-    """Every log record of the module as JSON lines, through the bot's redacting filter."""
-    path = tmp_path_factory.mktemp("logs") / "bot.jsonl"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RedactingFilter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield path
-    root.removeHandler(handler)
-    root.setLevel(level)
-    handler.close()
+    """Every log record of the module as JSON lines (through the bot's redacting filter)."""
+    with json_log_file(tmp_path_factory.mktemp("logs") / "bot.jsonl") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -100,47 +86,7 @@ def reader(hub):
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
-    folder = save_tiny(tiny_model("llama"), tmp_path_factory.mktemp("tiny-src"))
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny source\n")
-    return folder
-
-
-def config(tmp: Path, hub_url: str, watch: list, **changes) -> BotConfig:
-    data = {"hub": {"endpoint": hub_url, "disable_xet": True}, "target_org": "pruners",
-            "database": str(tmp / "bot.sqlite"), "limits": {"backoff_s": 0.2, "max_attempts": 3},
-            "evaluation": {"max_tokens": 200, "max_length": 64, "speed": {"prompt_tokens": 8, "new_tokens": 4,
-                                                                          "repeats": 1}},
-            "polling": {"interval_s": 3600}, "watch": watch}
-    data.update(changes)
-    return BotConfig.from_dict(data)
-
-
-def push(api: HfApi, repo: str, folder: Path, message: str = "Upload model") -> str:
-    api.create_repo(repo, exist_ok=True)
-    return api.upload_folder(repo_id=repo, folder_path=folder, commit_message=message).oid
-
-
-def drain(bot: Bot, timeout: float = 60) -> None:
-    """Run jobs until none is queued (waiting out retry backoffs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        bot.run_pending()
-        if not bot.store.jobs("queued"):
-            return
-        time.sleep(0.05)
-    raise AssertionError("jobs still queued")
-
-
-def commits(api: HfApi, repo: str, revision: str = "main") -> list[str]:
-    return [c.title for c in api.list_repo_commits(repo, revision=revision)]
-
-
-def subprocess_env(hub_url: str, home: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_HOME=str(home),
-               HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
-               OMP_NUM_THREADS="1", **extra)
-    return env
+    return tiny_source(tmp_path_factory.mktemp("tiny-src"))
 
 
 @pytest.fixture(scope="module")
@@ -281,20 +227,8 @@ def test_status_endpoint_and_page(published, bot):
 
 
 # -------------------------------------------------------------------- triggers
-def webhook_payload(repo: str, sha: str, ref: str = "refs/heads/main") -> dict:
-    return {"event": {"action": "update", "scope": "repo.content"},
-            "repo": {"type": "model", "name": repo, "headSha": sha},
-            "updatedRefs": [{"ref": ref, "oldSha": None, "newSha": sha}], "webhook": {"id": "x", "version": 3}}
-
-
 def post_hook(bot: Bot, body, secret: str | None = SECRET) -> httpx2.Response:
-    headers = {"X-Webhook-Secret": secret} if secret is not None else {}
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx2.post(f"{bot.url}/webhook", content=content, headers=headers)
-
-
-def jobs_of(bot: Bot, *repos: str) -> list:
-    return [j for j in bot.store.jobs() if j.source_repo in repos]
+    return _post_hook(bot, body, secret)
 
 
 def test_bad_secret_is_refused(published, bot):
@@ -437,7 +371,10 @@ def test_restart_mid_job(crash_run, hub, alice, tmp_path):
     proc, work, data, sha = crash_run
     assert proc.wait(timeout=240) == -9, (work / "output").read_text()[-3000:]
     variant = "pruners/crash-src-maw-50pct"
-    assert commits(alice, variant) == [f"maw-50pct of alice/crash-src@{sha[:10]}", "initial commit"]
+    bot_api = HfApi(endpoint=hub.url, token=BOT)
+    assert commits(bot_api, variant) == [f"maw-50pct of alice/crash-src@{sha[:10]}", "initial commit"]
+    with pytest.raises(RepositoryNotFoundError):  # pushed, but private until the job is recorded done
+        alice.model_info(variant)
     os.environ["CRASH_BOT_TOKEN"] = BOT
     try:
         with Bot(BotConfig.from_dict(data)) as restarted:

@@ -2,6 +2,8 @@
 failure classification, redaction, and the pre-download checks."""
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 from types import SimpleNamespace
@@ -16,10 +18,11 @@ from hub_bot.recipes import recipe_entry
 from hub_bot.errors import ConfigError, PermanentJobError, classify
 from hub_bot.logs import JsonFormatter, RedactingFilter, redact, register_secret
 from hub_bot.store import JobStore, NewJob
-from hub_bot.triggers import parse_event
+from hub_bot.payload import Ignored, InvalidPayload, Push, SettingsChange, read_event
 from hub_bot.source import check_source, content_key
 
 SHA, SHA2 = "a" * 40, "b" * 40
+OWNER = "local:test:1:abcd"
 
 
 def minimal(**changes) -> dict:
@@ -89,13 +92,21 @@ def payload(scope="repo.content", refs=((("refs/heads/main"), SHA),), repo_type=
     return body
 
 
-def test_parse_event():
-    assert parse_event(payload()) == ("alice/llama", SHA)  # the main ref's newSha, not headSha
-    assert parse_event(payload(refs=None)) == ("alice/llama", SHA2)
+def event(body) -> object:
+    return read_event(json.dumps(body).encode())
+
+
+def test_read_event():
+    assert event(payload()) == Push("alice/llama", SHA)  # the main ref's newSha, not headSha
+    assert event(payload(refs=None)) == Push("alice/llama", SHA2)
+    assert event(payload(scope="repo.config")) == SettingsChange("alice/llama")
     for ignored in (payload(refs=[("refs/pr/1", SHA)]), payload(refs=[("refs/heads/dev", SHA)]),
                     payload(refs=[("refs/tags/v1", SHA)]), payload(refs=[("refs/heads/main", None)]),
-                    payload(scope="repo"), payload(scope="discussion"), payload(repo_type="dataset"), [], None):
-        assert isinstance(parse_event(ignored), str)
+                    payload(scope="repo"), payload(scope="discussion"), payload(repo_type="dataset")):
+        assert isinstance(event(ignored), Ignored)
+    for invalid in ([], None, {"event": "push"}, payload(refs=[("refs/heads/main", "not-a-sha")])):
+        with pytest.raises(InvalidPayload):
+            event(invalid)
 
 
 # -------------------------------------------------------------------- job store
@@ -106,17 +117,18 @@ def new_job(sha=SHA, recipe="r1", publish="repo", target="pruners/llama-x") -> N
 
 def test_store_is_idempotent_and_transitions(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    first = store.enqueue(new_job())
-    assert first is not None and store.enqueue(new_job()) is None  # same (repo, sha, recipe)
-    assert store.enqueue(new_job(recipe="r2")) is not None and store.enqueue(new_job(sha=SHA2)) is not None
-    job = store.claim()
-    assert (job.id, job.state, job.attempts) == (first, "running", 1)
-    assert store.fail(job.id, "Hub answered 500", permanent=False, retry_at=time.time() + 60) == "queued"
-    assert store.claim(now=time.time()).id != first  # not due yet: the others come first
-    later = store.claim(now=time.time() + 61)
+    first, new = store.enqueue(new_job())
+    assert new and store.enqueue(new_job()) == (first, False)  # same (repo, sha, recipe, mode, target)
+    assert store.enqueue(new_job(recipe="r2"))[1] and store.enqueue(new_job(sha=SHA2))[1]
+    job = store.claim(OWNER, 60)
+    assert (job.id, job.state, job.attempts, job.lease_owner) == (first, "running", 1, OWNER)
+    assert store.fail(job.id, OWNER, "Hub answered 500", permanent=False, retry_at=time.time() + 60) == "queued"
+    assert store.claim(OWNER, 60, now=time.time()).id != first  # not due yet: the others come first
+    later = store.claim(OWNER, 600, now=time.time() + 61)
     assert later is not None
-    assert store.claim(now=time.time() + 120).id == first  # now due
-    store.finish(first, "pruners/llama-x", "c" * 40, "http://hub/pruners/llama-x", {"ppl": 1.0})
+    assert store.claim(OWNER, 600, now=time.time() + 120).id == first  # now due
+    assert not store.finish(first, "someone-else", "pruners/llama-x", None, None, None)  # not the lease holder
+    assert store.finish(first, OWNER, "pruners/llama-x", "c" * 40, "http://hub/pruners/llama-x", {"ppl": 1.0})
     done = store.get(first)
     assert (done.state, done.attempts, done.error, done.results) == ("done", 2, None, {"ppl": 1.0})
     assert store.counts() == {"queued": 0, "running": 2, "done": 1, "failed": 0}
@@ -127,34 +139,37 @@ def test_store_recovers_running_jobs_and_gives_up(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     store.enqueue(new_job())
     store.enqueue(new_job(recipe="r2"))
-    a, b = store.claim(), store.claim()
-    store.fail(b.id, "x", False, retry_at=0.0)  # due at once
-    b = store.claim()  # attempt 2, then the process dies
-    assert sorted(JobStore(tmp_path / "jobs.sqlite").recover(max_attempts=2)) == sorted([a.id, b.id])
+    a, b = store.claim(OWNER, 60), store.claim(OWNER, 60)
+    store.fail(b.id, OWNER, "x", False, retry_at=0.0)  # due at once
+    b = store.claim(OWNER, 60)  # attempt 2, then the process dies
+    assert JobStore(tmp_path / "jobs.sqlite").recover(max_attempts=2) == []  # leases still valid
+    assert sorted(JobStore(tmp_path / "jobs.sqlite").recover(max_attempts=2, dead_owner_prefix="local:")) == \
+        sorted([a.id, b.id])
     assert store.get(a.id).state == "queued" and "interrupted" in store.get(a.id).error
     assert store.get(b.id).state == "failed" and "2 times" in store.get(b.id).error
 
 
-def test_store_newer_job_supersedes(tmp_path):
+def test_store_same_variant_lists_the_competing_commits(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    old = store.get(store.enqueue(new_job(sha=SHA)))
-    assert store.newer_job(old) is None
-    newer = store.enqueue(new_job(sha=SHA2))
-    assert store.newer_job(old).id == newer
+    old = store.get(store.enqueue(new_job(sha=SHA))[0])
+    assert store.same_variant(old) == []
+    newer, _ = store.enqueue(new_job(sha=SHA2))
+    assert [j.id for j in store.same_variant(old)] == [newer]
     store.enqueue(new_job(sha="c" * 40, recipe="other"))  # another variant does not count
-    job = store.claim(now=time.time() + 1)
-    job = store.claim(now=time.time() + 1)
-    assert job.id == newer and store.fail(newer, "unsupported", True, None) == "failed"
-    assert store.newer_job(old) is None  # a failed newer job does not make the old one obsolete
+    store.enqueue(new_job(sha="d" * 40, publish="pr", target="alice/llama"))  # nor another target
+    job = store.claim(OWNER, 60, now=time.time() + 1)
+    job = store.claim(OWNER, 60, now=time.time() + 1)
+    assert job.id == newer and store.fail(newer, OWNER, "unsupported", True, None) == "failed"
+    assert store.same_variant(old) == []  # a failed job does not compete
 
 
 def test_store_permanent_failure_and_requeue(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     store.enqueue(new_job())
-    job = store.claim()
-    assert store.fail(job.id, "unsupported", permanent=True, retry_at=None) == "failed"
-    assert store.get(job.id).permanent and store.claim(now=time.time() + 1e6) is None
-    assert store.requeue(job.id) and store.claim().attempts == 1
+    job = store.claim(OWNER, 60)
+    assert store.fail(job.id, OWNER, "unsupported", permanent=True, retry_at=None) == "failed"
+    assert store.get(job.id).permanent and store.claim(OWNER, 60, now=time.time() + 1e6) is None
+    assert store.requeue(job.id) and store.claim(OWNER, 60).attempts == 1
 
 
 # -------------------------------------------------------------------- classification
@@ -222,6 +237,29 @@ def test_check_source_architecture_and_content_key():
 
 
 # -------------------------------------------------------------------- command line
+@contextlib.contextmanager
+def logging_restored():
+    """Undo what the bot's entry points do to logging (root handler and level, library handlers, warnings)."""
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for handler in handlers:  # e.g. left by other tests: the bot process starts without any
+        root.removeHandler(handler)
+    logging.captureWarnings(False)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        hf_logging.enable_default_handler()
+        hf_logging.disable_propagation()
+
+
 def test_cli_status_requeue_and_errors(tmp_path, capsys, monkeypatch):
     import yaml
     from huggingface_hub import constants
@@ -231,10 +269,8 @@ def test_cli_status_requeue_and_errors(tmp_path, capsys, monkeypatch):
     path = tmp_path / "bot.yaml"
     path.write_text(yaml.safe_dump(minimal(hub={"endpoint": "http://127.0.0.1:1", "token_env": "NO_SUCH_TOKEN_VAR"})))
     store = JobStore(tmp_path / "hub_bot.sqlite")
-    job = store.get(store.enqueue(new_job()))
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
+    job = store.get(store.enqueue(new_job())[0])
+    with logging_restored():
         assert main(["status", "--config", str(path)]) == 0
         assert "queued" in capsys.readouterr().out
         assert main(["requeue", "--config", str(path), str(job.id)]) == 1  # not failed
@@ -242,10 +278,6 @@ def test_cli_status_requeue_and_errors(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv("NO_SUCH_TOKEN_VAR", raising=False)
         assert main(["run", "--config", str(path), "--once"]) == 2
         assert "NO_SUCH_TOKEN_VAR" in capsys.readouterr().err
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def test_example_config_parses():
@@ -277,10 +309,35 @@ def test_bot_refuses_a_token_the_hub_rejects(tmp_path):
 
 
 def test_source_license_is_inherited_with_its_name_and_link(tmp_path):
-    from hub_bot.card import source_license
+    from hub_bot.card import source_terms
 
-    assert source_license(tmp_path) == {}
+    assert source_terms(tmp_path) == {}
     (tmp_path / "README.md").write_text("---\nlicense: other\nlicense_name: psf-2.0\nlicense_link: "
-                                        "https://docs.python.org/3/license.html\ntags: [x]\n---\n# m\n")
-    assert source_license(tmp_path) == {"license": "other", "license_name": "psf-2.0",
-                                        "license_link": "https://docs.python.org/3/license.html"}
+                                        "https://docs.python.org/3/license.html\ntags: [x]\n"
+                                        "extra_gated_prompt: Agree first\nextra_gated_fields: {Company: text}\n"
+                                        "---\n# m\n")
+    assert source_terms(tmp_path) == {"license": "other", "license_name": "psf-2.0",
+                                      "license_link": "https://docs.python.org/3/license.html",
+                                      "extra_gated_prompt": "Agree first", "extra_gated_fields": {"Company": "text"}}
+
+
+def test_library_warnings_go_through_the_json_log(capfd):
+    """transformers' own handler and Python warnings would print outside the bot's JSON lines."""
+    import io
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from hub_bot.logs import setup_logging
+
+    hf_logging.get_logger("transformers.modeling_utils")  # transformers has set up its own handler by now
+    stream = io.StringIO()
+    with logging_restored():
+        setup_logging("INFO", "json", stream=stream)
+        hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+        warnings.warn("a python warning", UserWarning)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["logger"] for r in records] == ["transformers.modeling_utils", "py.warnings"]
+    assert "a transformers warning" in records[0]["msg"] and "a python warning" in records[1]["msg"]
+    captured = capfd.readouterr()
+    assert "warning" not in captured.err + captured.out

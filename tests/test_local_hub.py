@@ -520,9 +520,83 @@ def test_conflicting_pull_request_cannot_merge(hub, alice, bob):
     assert err.value.response.status_code == 409
 
 
+def test_pull_request_commits_honour_parent_commit(hub, alice, bob):
+    """Like pushes to main: opening a PR starts from `parent_commit` (a commit of the base branch, else 412), and a
+    push to refs/pr/N with a stale `parent_commit` is refused with 412."""
+    alice.create_repo("alice/pr-parents")
+    first = alice.upload_file(path_or_fileobj=b"1", path_in_repo="first.txt", repo_id="alice/pr-parents").oid
+    alice.upload_file(path_or_fileobj=b"2", path_in_repo="second.txt", repo_id="alice/pr-parents")
+    pr = bob.create_commit("alice/pr-parents", [CommitOperationAdd("pr.txt", b"p")], commit_message="from first",
+                           create_pr=True, parent_commit=first)
+    assert sorted(alice.list_repo_files("alice/pr-parents", revision=pr.pr_revision)) == [
+        ".gitattributes", "first.txt", "pr.txt"]  # started at `first`, not at main's head
+    assert alice.get_discussion_details("alice/pr-parents", pr.pr_num).conflicting_files == []
+    alice.create_repo("alice/pr-parents-other")
+    foreign = alice.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/pr-parents-other").oid
+    for parent in (foreign, "0" * 40):  # not a commit of main
+        with pytest.raises(HfHubHTTPError) as err:
+            bob.create_commit("alice/pr-parents", [CommitOperationAdd("y.txt", b"y")], commit_message="bad parent",
+                              create_pr=True, parent_commit=parent)
+        assert err.value.response.status_code == 412
+    head = bob.create_commit("alice/pr-parents", [CommitOperationAdd("pr2.txt", b"q")], commit_message="more",
+                             revision=pr.pr_revision, parent_commit=pr.oid).oid
+    with pytest.raises(HfHubHTTPError) as err:  # pr.oid is no longer the head of refs/pr/N
+        bob.create_commit("alice/pr-parents", [CommitOperationAdd("pr3.txt", b"r")], commit_message="stale",
+                          revision=pr.pr_revision, parent_commit=pr.oid)
+    assert err.value.response.status_code == 412
+    refs = alice.list_repo_refs("alice/pr-parents", include_pull_requests=True)
+    assert [(r.ref, r.target_commit) for r in refs.pull_requests] == [(pr.pr_revision, head)]
+    assert len(list(alice.get_repo_discussions("alice/pr-parents"))) == 1  # the refused PRs were not opened
+
+
+def test_repo_names_are_case_insensitive(hub, alice, bob):
+    alice.create_repo("alice/CaseRepo")
+    commit = bob.create_commit("ALICE/caserepo", [CommitOperationAdd("f.txt", b"c")], commit_message="pr",
+                               create_pr=True)
+    alice.upload_file(path_or_fileobj=b"main", path_in_repo="m.txt", repo_id="Alice/CASEREPO")
+    for spelling in ("alice/CaseRepo", "ALICE/caserepo", "alice/caserepo"):
+        info = bob.model_info(spelling)
+        assert info.id == "alice/CaseRepo" and "m.txt" in [s.rfilename for s in info.siblings]
+    assert raw(hub, "GET", "/ALICE/CASEREPO/resolve/main/m.txt").content == b"main"
+    assert [c.title for c in bob.list_repo_commits("alice/caserepo")][0] == "Upload m.txt with huggingface_hub"
+    assert "f.txt" in bob.list_repo_files("alice/caserepo", revision=commit.pr_revision)
+    alice.create_repo("alice/hidden-case", private=True)
+    with pytest.raises(RepositoryNotFoundError):
+        bob.model_info("Alice/Hidden-Case")  # still private under another spelling
+    assert alice.model_info("Alice/Hidden-Case").id == "alice/hidden-case"
+
+
+def test_settings_change_visibility_and_gating(hub, alice, bob, receiver):
+    alice.create_repo("alice/settings")
+    card = (b"---\nlicense: other\nlicense_name: tiny-license\nextra_gated_prompt: Agree to the terms\n"
+            b"extra_gated_fields:\n  Company: text\n  I agree: checkbox\n---\n# gated card\n")
+    alice.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id="alice/settings")
+    alice.update_repo_settings("alice/settings", private=True)
+    with pytest.raises(RepositoryNotFoundError):
+        bob.model_info("alice/settings")
+    alice.update_repo_settings("alice/settings", visibility="public")
+    alice.update_repo_settings("alice/settings", gated="auto")
+    info = bob.model_info("alice/settings")
+    assert (info.private, info.gated) == (False, "auto")
+    assert info.card_data["extra_gated_fields"] == {"Company": "text", "I agree": "checkbox"}
+    assert info.card_data["extra_gated_prompt"] == "Agree to the terms"
+    with pytest.raises(GatedRepoError):
+        bob.auth_check("alice/settings")
+    alice.update_repo_settings("alice/settings", gated=False)
+    assert bob.model_info("alice/settings").gated is False
+    with pytest.raises(ValueError, match="extra_gated_fields"):
+        alice.upload_file(path_or_fileobj=b"---\nextra_gated_fields: [Company]\n---\n", path_in_repo="README.md",
+                          repo_id="alice/settings")
+    assert hub.hub.webhooks.flush(10)
+    changes = [b["repo"]["private"] for _, b in receiver.for_repo("alice/settings")
+               if b["event"] == {"action": "update", "scope": "repo.config"}]
+    assert changes == [True, False, False, False]
+
+
 # -------------------------------------------------------------------- webhooks, faults, search
 def test_webhook_delivered_with_secret_and_refs(hub, alice, receiver):
     alice.create_repo("pruners/hooked")
+    assert hub.hub.webhooks.flush(10)  # the create event is delivered first: the planted failure is the push's
     receiver.fail_once.add("pruners/hooked")  # first delivery attempt fails: it must be retried
     commit = alice.upload_file(path_or_fileobj=b"w", path_in_repo="w.txt", repo_id="pruners/hooked")
     assert hub.hub.webhooks.flush(10)
@@ -556,18 +630,25 @@ def test_fault_injection_then_recovery(hub, alice):
     assert r.status_code == 429 and r.headers["retry-after"] == "7"
     assert raw(hub, "GET", "/api/whoami-v2", token=ALICE).status_code == 200
     assert raw(hub, "GET", "/_admin/faults", token=ADMIN).json()[0]["hits"] == 1
+    slow = raw(hub, "POST", "/_admin/faults", token=ADMIN,  # status null: only slow, then answered as usual
+               json={"pattern": "^GET /api/models/alice/faulty$", "status": None, "delay_s": 0.2, "count": 1}).json()
+    assert alice.model_info("alice/faulty").id == "alice/faulty"
+    assert [r["hits"] for r in raw(hub, "GET", "/_admin/faults", token=ADMIN).json() if r["id"] == slow["id"]] == [1]
+    assert raw(hub, "POST", "/_admin/faults", token=ADMIN, json={"pattern": "x", "status": None}).status_code == 400
 
 
 def test_search_by_author_with_pagination(hub, alice):
     for i in range(5):
         alice.create_repo(f"alice/search-{i}")
+    alice.upload_file(path_or_fileobj=b"---\ntags: [search-tag]\n---\n# tagged\n", path_in_repo="README.md",
+                      repo_id="alice/search-3")
     first = raw(hub, "GET", "/api/models", params={"author": "alice", "search": "search-"})
     assert len(first.json()) == 3 and 'rel="next"' in first.headers["link"]
     found = [m.id for m in alice.list_models(author="alice", search="search-")]
     assert sorted(found) == [f"alice/search-{i}" for i in range(5)]
     assert len(set(found)) == 5
-    tagged = [m.id for m in alice.list_models(filter="llama", author="alice")]
-    assert tagged == ["alice/tiny-llama"] or "alice/tiny-llama" in tagged
+    assert [m.id for m in alice.list_models(filter="search-tag", author="alice")] == ["alice/search-3"]
+    assert list(alice.list_models(filter="search-tag", author="bob")) == []
     assert list(alice.list_models(author="nobody")) == []
 
 

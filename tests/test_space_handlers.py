@@ -1,9 +1,14 @@
 """The Space's handler functions without a browser: forms -> recipes, model validation, a whole job on a tiny model,
-error messages, one-job-at-a-time, cleanup, and pushing to the local Hub (in-process, real huggingface_hub client)."""
+error messages, the job line (positions, waits, cancellation), cleanup, and pushing to the local Hub (in-process,
+real huggingface_hub client)."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
+import sys
+import threading
+import types
 import zipfile
 from pathlib import Path
 
@@ -13,10 +18,13 @@ import yaml
 
 from core.methods import METHODS
 from core.scores import HEAD_SCORES
-from space import chart, forms, handlers, hub
-from space.errors import SpaceError, friendly
-from space.jobs import JobSlot, ResultStore, stream
+from core.errors import CalibrationError, ModelLoadError
+from core.model_io import REFERENCE_MODEL
+from space import chart, forms, gpu, handlers, hub
+from space.errors import Redactor, SpaceError, as_markdown, friendly
+from space.jobs import Cancelled, JobQueue, ResultStore
 from space.settings import Settings
+from space.stages import Board, History, render, render_wait
 
 from conftest import save_tiny, tiny_model
 
@@ -68,12 +76,10 @@ def store(settings):
     s.close()
 
 
-def run(form: forms.Form, settings: Settings, store: ResultStore, slot: JobSlot | None = None,
+def run(form: forms.Form, settings: Settings, store: ResultStore, jobs: JobQueue | None = None,
         session: str = "s1", token: str | None = None) -> tuple[str, object, list]:
     """Run a job through the same event stream the page uses: (kind, value, events)."""
-    slot = slot or JobSlot()
-    events = [e for e in stream(lambda r: handlers.run_job(form, settings, store, slot, session, r, token))
-              if e[0] != "tick"]
+    events = list(handlers.run_job(form, settings, store, jobs or JobQueue(), session, token))
     kind, value = events[-1][0], events[-1][1]
     return kind, value, events
 
@@ -82,7 +88,8 @@ def run(form: forms.Form, settings: Settings, store: ResultStore, slot: JobSlot 
 def finished(tiny_folder, settings, tmp_path_factory):
     """One successful job on the default model, shared by the result checks."""
     store = ResultStore(keep=2, root=settings.work_dir)
-    form = forms.Form(method="mlp_width", score="maw", target_value="0.3", prompt="def add(a, b):")
+    form = forms.Form(method="mlp_width", score="maw", target_value="30%", prompt="def add(a, b):",
+                      measure_speed=True)
     kind, res, events = run(form, settings, store)
     assert kind == "done", res
     yield store, res, events
@@ -105,10 +112,23 @@ def test_methods_and_options_come_from_the_registry():
     assert "Weights only" in handlers.method_help("mlp_width", "maw")
 
 
+def test_methods_and_scores_have_readable_names_with_the_id_in_small_print():
+    choices = dict(forms.method_choices())
+    assert choices["MLP neurons (width pruning)"] == "mlp_width" and set(choices.values()) == set(METHODS)
+    assert all(label != value for label, value in choices.items() if value in forms.METHOD_TITLES)
+    scores = dict(forms.score_choices("mlp_width"))
+    assert scores["Largest weight (max |w|)"] == "maw" and scores["Activations on data (Wanda-style) · uses data"] == "activation"
+    assert forms.method_title("some_new_method") == "Some new method"  # a method added later still reads well
+    text = handlers.method_help("mlp_width", "maw")
+    assert "**Largest weight (max |w|)**" in text and "<small>In recipes and on the command line: method `mlp_width` · score `maw`</small>" in text
+
+
 def test_form_to_recipe():
     r = forms.build_recipe(forms.Form(method="attention_heads", score="magnitude", target_kind="param_ratio",
                                       target_value="0.2", options_yaml="mode: query\n", protect_last=1), "org/m")
     assert (r.model, r.target.param_ratio, r.options, r.layers.protect_last) == ("org/m", 0.2, {"mode": "query"}, 1)
+    r = forms.build_recipe(forms.Form(target_value="25%"), None)
+    assert r.target.ratio == 0.25
     r = forms.build_recipe(forms.Form(target_kind="target_params", target_value="300k"), None)
     assert r.target.target_params == 300_000 and r.calibration.source == "builtin"
     r = forms.build_recipe(forms.Form(score="activation", calib_source="dataset", calib_dataset="wikitext:raw",
@@ -117,10 +137,14 @@ def test_form_to_recipe():
 
 
 @pytest.mark.parametrize("changes, expected", [
-    (dict(target_value="1.5"), "must be in [0, 1)"),
+    (dict(target_value="1.5"), "must be between 0 and 1"),
+    (dict(target_value="30"), "Did you mean 30%?"),
+    (dict(target_value="0"), "A share of 0 removes nothing"),
+    (dict(target_value="0%"), "A share of 0 removes nothing"),
+    (dict(target_kind="param_ratio", target_value="100%"), "must be between 0 and 1"),
     (dict(target_value="lots"), "must be a number"),
     (dict(target_kind="target_params", target_value="huge"), "like 800M"),
-    (dict(options_yaml="unit: [\n"), "not valid YAML"),
+    (dict(options_yaml="unit: [\n"), "not valid YAML (line 2, column 1: expected the node content, but found '<stream end>')"),
     (dict(method="depth", options_yaml="unit: brick\n"), "unit must be one of"),
     (dict(options_yaml="colour: red\n"), "has no option 'colour'"),
     (dict(score="mawr"), "Did you mean 'maw'"),
@@ -165,27 +189,73 @@ def test_default_model_summary(settings):
 
 
 # -------------------------------------------------------------------- a whole job
-def test_job_result(finished, settings):
+def test_job_result(finished, settings, tiny_folder):
     store, res, events = finished
     ev = res.evidence.comparison
     assert ev.base.params == 385_600 and ev.pruned.params < ev.base.params
     assert ev.base.perplexity > 1 and ev.pruned.perplexity > 1 and ev.pruned.eval_tokens > 200
-    assert {"prefill_speedup", "decode_speedup_batch1"} <= set(ev.ratios)
+    assert {"prefill_speedup", "decode_speedup_batch1"} <= set(ev.ratios)  # asked for with the checkbox
     assert res.evidence.generations[0] and res.evidence.generations[1] is not None
     assert [r["intermediate_size"] for r in res.chart_rows] == [(67, 96)] * 4
     assert "method: mlp_width" in res.recipe_yaml and "score: maw" in res.recipe_yaml
-    progress = [e for e in events if e[0] == "progress"]
-    assert any("layer 4/4" in e[2] for e in progress) and progress[-1][1] == 1.0
-    assert [e[1] for e in events if e[0] == "log"][0] == f"job {res.job_id} started"
+    # the stage list: every stage passed, the per-layer progress went through, the download was not needed
+    board = [e[1] for e in events if e[0] == "stage"][-1]
+    assert [(s.key, s.state) for s in board.stages] == [
+        ("check", "done"), ("download", "skipped"), ("load", "done"), ("base", "done"), ("prune", "done"),
+        ("pruned", "done"), ("speed", "done"), ("save", "done")]
+    assert board.remaining() == 0.0 and board.elapsed() > 0
+    html = render(board, title="Done")
+    assert html.count('data-state="done"') == 7 and "took 0:" in html
+    logs = [e[1] for e in events if e[0] == "log"]
+    assert logs[0] == f"job {res.job_id} started" and "pruning (mlp_width): layer 4/4" in logs
+    # no server path reaches the page or the saved files; the base model is named as the user chose it
+    for text in (*logs, res.recipe_yaml, (res.folder / "README.md").read_text()):
+        assert str(store.root) not in text and str(tiny_folder) not in text, text
+    assert yaml.safe_load(res.recipe_yaml)["result"]["base_model"] == tiny_folder.name  # SPACE_DEFAULT_MODEL
     with zipfile.ZipFile(res.zip_path) as zf:
         names = zf.namelist()
     assert f"{res.zip_path.stem}/model.safetensors" in names and f"{res.zip_path.stem}/pruning_recipe.yaml" in names
     summary = handlers.summary_markdown(res)
     assert "| perplexity |" in summary and "385,600" in summary
+    assert "| speed | base | pruned | change |" in summary and "prefill latency (ms)" in summary
+    assert "Speed not measured" not in summary
     html = handlers.chart_markdown(res)
     assert html.count('data-removed="false"') == 4 and "67 / 96" in html
-    base, pruned = handlers.regenerate(store, res.job_id, "s1", "import os", settings)
+    base, pruned = handlers.regenerate(store, JobQueue(), res.job_id, "s1", "import os", settings)
     assert isinstance(base, str) and isinstance(pruned, str)
+    # the API's answer is plain data
+    api = handlers.api_summary(res)
+    assert json.loads(json.dumps(api))["params_after"] == ev.pruned.params and api["base_model"] == tiny_folder.name
+    # on ZeroGPU the job's result crosses processes
+    assert pickle.loads(pickle.dumps(res)).evidence.comparison.pruned.params == ev.pruned.params
+
+
+def test_speed_is_off_unless_asked_and_a_damaged_model_is_flagged(settings, store):
+    # the trained reference model (a random tiny one has nothing to lose): removing 90% of its MLP wrecks it
+    reference = dataclasses.replace(settings, default_model=REFERENCE_MODEL, default_model_label="reference model")
+    kind, res, events = run(forms.Form(target_value="90%", prompt=""), reference, store)
+    assert kind == "done", res
+    assert res.evidence.comparison.base.speed is None
+    assert "speed" not in [s.key for s in [e[1] for e in events if e[0] == "stage"][-1].stages]
+    assert "Speed not measured. Turn on “Measure speed”" in handlers.summary_markdown(res)
+    ratio = res.evidence.perplexity_ratio
+    assert ratio > reference.ppl_warn_ratio == 2.0
+    assert res.warning.startswith(f"The pruned model is badly damaged: its perplexity grew ×{ratio:,.1f}")
+    assert handlers.done_status(res).startswith("⚠ Done, but see the warning")
+    assert res.evidence.damage(ratio * 2) is None
+    assert yaml.safe_load(res.recipe_yaml)["result"]["base_model"] == "reference model"
+    assert yaml.safe_load(res.recipe_yaml)["model"] is None  # the recipe's name for the reference model
+
+
+def test_no_op_targets_are_refused_before_any_work(settings, store):
+    jobs = JobQueue()
+    kind, message, events = run(forms.Form(target_value="0"), settings, store, jobs)
+    assert kind == "error" and "removes nothing" in message
+    assert [e[0] for e in events] == ["error"] and len(jobs) == 0  # not even queued
+    kind, message, events = run(forms.Form(target_kind="target_params", target_value="1M"), settings, store, jobs)
+    assert kind == "error" and "has 385,600 parameters, so keeping 1.00M removes nothing" in message
+    assert not any(e[0] == "log" and "loaded" in e[1] for e in events)  # refused from the config, before loading
+    assert list(store.root.iterdir()) == []
 
 
 def test_job_failure_is_a_message_and_cleans_up(settings, store):
@@ -198,38 +268,121 @@ def test_job_failure_is_a_message_and_cleans_up(settings, store):
     assert kind == "error" and "config.json missing" in message
 
 
-def test_uploaded_calibration_file(settings, store, tmp_path):
-    texts = Path(__file__).resolve().parent.parent / "reference" / "corpus" / "calibration.txt"
-    upload = tmp_path / "my texts.jsonl"
-    chunks = texts.read_text(encoding="utf-8")[:20_000].split("\n\n")
-    upload.write_text("\n".join(json.dumps({"text": c}) for c in chunks if c.strip()), encoding="utf-8")
-    form = forms.Form(score="activation", calib_source="upload", calib_file=str(upload), calib_samples=4,
-                      calib_seq_len=32, prompt="")
-    kind, res, _ = run(form, settings, store)
-    assert kind == "done", res
-    recipe = yaml.safe_load(res.recipe_yaml)
-    assert recipe["calibration"]["source"] == "my texts.jsonl"  # the file's name, not a server path
-    assert recipe["result"]["calibration"].startswith("my texts.jsonl, 4 x 32 tokens")
-    assert (res.folder.parent / "calibration.jsonl").is_file()
+def _until(events, stage: str):
+    """Consume events until the job reaches `stage`; returns the events seen."""
+    seen = []
+    for event in events:
+        seen.append(event)
+        if event[0] == "stage" and event[1].current is not None and event[1].current.key == stage:
+            return seen
+    raise AssertionError(f"the job never reached {stage}: {seen[-3:]}")
 
 
-def test_pruned_checkpoint_keeps_the_base_dtype(settings, store, tmp_path):
-    folder = save_tiny(tiny_model("qwen2").to(torch.bfloat16), tmp_path / "bf16")
-    kind, res, _ = run(forms.Form(model=str(folder), prompt=""), settings, store)
-    assert kind == "done", res
-    assert json.loads((res.folder / "config.json").read_text())["dtype"] == "bfloat16"
-    base, pruned = res.evidence.disk_bytes
-    assert pruned < base  # measured in float32, saved in bfloat16 like the base
-    assert "| checkpoint (MB) |" in handlers.summary_markdown(res)
+def test_cancel_stops_a_running_job_and_deletes_its_files(settings, store):
+    jobs = JobQueue()
+    events = handlers.run_job(forms.Form(prompt=""), settings, store, jobs, "s1")
+    _until(events, "base")
+    assert [p.name for p in store.root.iterdir()] == ["job-1"]
+    assert jobs.cancel("s2") is False and jobs.cancel("s1") is True
+    rest = list(events)
+    assert rest[-1] == ("cancelled", "Cancelled: the job stopped and its files were deleted.")
+    assert not [e for e in rest if e[0] == "stage" and e[1].current and e[1].current.key == "prune"]
+    assert list(store.root.iterdir()) == [] and len(jobs) == 0
 
 
-def test_one_job_at_a_time(settings, store):
-    slot = JobSlot()
-    slot.acquire()
-    kind, message, _ = run(forms.Form(), settings, store, slot=slot)
-    assert kind == "error" and "already running" in message
-    slot.release()
-    assert not slot.busy
+def test_a_page_that_goes_away_stops_its_job(settings, store):
+    jobs = JobQueue()
+    events = handlers.run_job(forms.Form(prompt=""), settings, store, jobs, "s1")
+    _until(events, "prune")
+    events.close()  # what Gradio does when the page is closed mid-run
+    assert list(store.root.iterdir()) == [] and len(jobs) == 0
+    assert [t.name for t in threading.enumerate() if t.name == "prune-job"] == []  # the worker thread has ended
+
+
+def test_the_line_shows_position_and_expected_wait_and_can_be_cancelled():
+    history = History()
+    clock = [0.0]
+    jobs = JobQueue(max_waiting=2, history=history)
+    first, second, third = (jobs.join(s) for s in ("a", "b", "c"))
+    with pytest.raises(SpaceError, match="The queue is full"):
+        jobs.join("d")
+    assert list(jobs.wait_turn(first)) == [] and first.started
+    waiting = jobs.wait_turn(second, poll=0.01)
+    assert next(waiting) == ("wait", 1, None)  # no job has finished yet: no estimate
+    # a finished job of 1M parameters took 10 s in "prune"; the running one has 2M parameters and is halfway
+    done = Board(["prune"], history, clock=lambda: clock[0], kind="mlp_width/maw")
+    done.params = 1_000_000
+    done.update("prune", 0.0)
+    clock[0] = 10.0
+    done.finish()
+    history.record(done)
+    first.board = Board(["check", "prune"], history, clock=lambda: clock[0], kind="mlp_width/maw")
+    first.board.params = 2_000_000
+    first.board.update("prune", 0.5)
+    clock[0] = 20.0
+    assert first.board.remaining() == pytest.approx(10.0)  # its own progress: 10 s for half of it
+    assert next(waiting)[:2] == ("wait", 1)
+    assert jobs.expected_wait(second) == pytest.approx(10.0)
+    assert jobs.expected_wait(third) == pytest.approx(20.0)  # + a typical job (the one that finished: 10 s)
+    assert "you are number 3" in render_wait(2, 20.0) and "about <b>0:20</b>" in render_wait(2, 20.0)
+    assert "not known yet" in render_wait(1, None)
+    jobs.cancel("c")  # cancelled while waiting: it leaves the line
+    with pytest.raises(Cancelled):
+        list(jobs.wait_turn(third))
+    jobs.leave(third)
+    jobs.leave(first)  # the running job ends: the next one starts
+    assert list(waiting) == [] and second.started and jobs.position(second) == 0
+
+
+def test_estimates_without_history_start_from_the_measured_base_model():
+    clock = [0.0]
+    board = Board(["load", "base", "prune", "pruned", "save"], clock=lambda: clock[0])
+    board.update("load")
+    assert board.remaining() is None  # nothing to go by yet
+    clock[0] = 2.0
+    board.update("base")
+    clock[0] = 12.0
+    assert board.remaining() is None  # the base measurement itself: nothing to go by
+    board.update("prune", 0.0)
+    assert board.remaining() is None  # pruning has just started: its time depends on the method, not known yet
+    clock[0] = 14.0
+    board.update("prune", 0.5)  # the running stage extrapolates itself; the rest is priced relative to the base
+    assert board.remaining() == pytest.approx(2.0 + 10 * (1.0 + 0.5))
+    clock[0] = 16.0
+    board.update("pruned")
+    clock[0] = 20.0
+    assert board.remaining() == pytest.approx(6.0 + 5.0)  # 10 s like the base measurement, 4 s spent; then save
+    clock[0] = 31.0
+    assert board.remaining() is None  # overran the prior: no "0:00 left"
+
+
+def test_estimates_from_history_scale_with_the_model_and_price_pruning_by_method():
+    history, clock = History(), [0.0]
+    done = Board(["base", "prune"], history, clock=lambda: clock[0], kind="mlp_width/maw")
+    done.params = 1_000_000
+    done.update("base")
+    clock[0] = 4.0
+    done.update("prune", 0.0)
+    clock[0] = 5.0
+    done.finish()
+    history.record(done)
+    same = Board(["base", "prune"], history, clock=lambda: clock[0], kind="mlp_width/maw")
+    same.params = 3_000_000  # three times the model: three times the time
+    same.update("base")
+    assert same.remaining() == pytest.approx(3 * 4.0 + 3 * 1.0)
+    other = Board(["base", "prune"], history, clock=lambda: clock[0], kind="depth/shapley_mc")
+    other.params = 1_000_000
+    other.update("base")
+    clock[0] = 6.0
+    assert other.remaining() is None  # Shapley pruning is not priced by a weight score's time
+    other.update("prune", None)
+    clock[0] = 10.0
+    assert other.remaining() is None
+    other.update("prune", 0.1)  # 4 s for 10%: its own progress now
+    assert other.remaining() == pytest.approx(36.0)
+    clock[0] = 20.0
+    same.update("base")  # overran the 12 s the history gave it: no estimate rather than "0:00 left"
+    assert same.remaining() is None
 
 
 def test_results_are_evicted_and_sessions_cleaned(tmp_path):
@@ -270,6 +423,56 @@ def test_friendly_messages():
     assert friendly(torch.OutOfMemoryError("CUDA out of memory")).startswith("Out of memory")
     msg = friendly(ZeroDivisionError("division by zero"))
     assert msg.startswith("Unexpected error (ZeroDivisionError): division by zero") and "\n" not in msg
+
+
+def test_messages_use_the_pages_words_and_hide_server_paths():
+    msg = friendly(CalibrationError("Calibration text has 3 tokens, fewer than one window of 8. Give more text or a "
+                                    "shorter --calib-seq-len (recipe: calibration.seq_len)."))
+    assert msg == ("Calibration data problem: Calibration text has 3 tokens, fewer than one window of 8. Give more "
+                   "text or a shorter “Tokens per sample” (Calibration data).")
+    msg = friendly(CalibrationError("f.jsonl:2 has no string field 'text'; set the text field name "
+                                    "(--calib-text-field) to the one your file uses."))
+    assert "--" not in msg and 'each line must be a JSON object with a "text" field' in msg
+    msg = friendly(ModelLoadError("m has only pickle weights (*.bin/*.pt), which can run arbitrary code when loaded. "
+                                  "Convert them to safetensors, or pass --allow-pickle if you trust the source."))
+    assert msg.endswith("when loaded. Convert them to safetensors.") and "--" not in msg
+    msg = friendly(ModelLoadError("org/m needs custom code from its repository. It is not run unless you pass "
+                                  "--trust-remote-code (only for repositories you trust)."))
+    assert msg.endswith("from its repository. The Space does not run a repository's code.")
+    assert as_markdown("got '<stream end>' & more") == "got '&lt;stream end&gt;' &amp; more"
+    redact = Redactor({"/tmp/prune-space-x/job-3": "job folder"})
+    assert redact("wrote /tmp/prune-space-x/job-3/model") == "wrote job folder/model"
+    assert redact("read /tmp/elsewhere/data/texts.txt from http://hub/tmp/x") == "read …/texts.txt from http://hub/tmp/x"
+
+
+def test_gpu_support_is_a_no_op_off_zerogpu_and_asks_for_time_by_model_size(monkeypatch, tmp_path):
+    fn = handlers._gpu_part
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert gpu.gpu_task(fn, duration=handlers._gpu_seconds) is fn and not gpu.on_zerogpu()
+    assert not gpu.has_gpu("cpu") and gpu.has_gpu("cuda:1")
+    assert gpu.job_seconds(135_000_000, False, False, 300) < gpu.job_seconds(8_000_000_000, False, False, 300)
+    assert gpu.job_seconds(1_000_000_000, True, True, 300) > gpu.job_seconds(1_000_000_000, False, False, 300)
+    assert gpu.job_seconds(70_000_000_000, True, True, 300) == 300  # capped at what ZeroGPU grants
+    # on ZeroGPU, the `spaces` package decorates the GPU part with a duration computed from the call's arguments
+    calls = []
+
+    def fake_gpu(duration):
+        def deco(task):
+            def wrapped(*args, **kwargs):
+                calls.append(duration(*args, **kwargs))
+                return task(*args, **kwargs)
+            return wrapped
+        return deco
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=fake_gpu))
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert gpu.has_gpu()
+    wrapped = gpu.gpu_task(lambda prep, form, settings, *rest: "ran", duration=handlers._gpu_seconds)
+    info = dataclasses.replace(handlers.models.resolve("", Settings(on_space=False)), params=8_000_000_000)
+    prep = handlers.Prepared(info, forms.build_recipe(forms.Form(), None), tmp_path, None)
+    assert wrapped(prep, forms.Form(measure_speed=True), Settings(), tmp_path, None, Redactor()) == "ran"
+    assert calls == [gpu.job_seconds(8_000_000_000, True, False, 300)]
+    assert pickle.loads(pickle.dumps(prep)).info.params == 8_000_000_000  # it crosses to the GPU process
 
 
 # -------------------------------------------------------------------- the Hub

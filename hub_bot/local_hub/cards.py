@@ -21,7 +21,8 @@ FRONT_MATTER_RE = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", r
 EMPTY_METADATA_WARNING = "empty or missing yaml metadata in repo card"
 
 _STR_OR_LIST_FIELDS = ("license", "language", "datasets", "base_model", "metrics", "tags")
-_STR_FIELDS = ("library_name", "pipeline_tag", "license_name", "license_link", "model_name", "thumbnail")
+_STR_FIELDS = ("library_name", "pipeline_tag", "license_name", "license_link", "model_name", "thumbnail",
+               "extra_gated_prompt", "extra_gated_heading", "extra_gated_description", "extra_gated_button_content")
 
 
 def split_front_matter(text: str) -> tuple[str | None, str]:
@@ -56,6 +57,10 @@ def metadata_problems(content: str) -> tuple[list[dict], list[dict]]:
     for key in _STR_FIELDS:
         if key in data and data[key] is not None and not isinstance(data[key], str):
             problems.append({"message": f'"{key}" must be a string'})
+    if data.get("extra_gated_fields") is not None and not isinstance(data["extra_gated_fields"], dict):
+        problems.append({"message": '"extra_gated_fields" must be a mapping of field name to field type'})
+    if data.get("extra_gated_eu_disallowed") is not None and not isinstance(data["extra_gated_eu_disallowed"], bool):
+        problems.append({"message": '"extra_gated_eu_disallowed" must be a boolean'})
     if "model-index" in data and not isinstance(data["model-index"], list):
         problems.append({"message": '"model-index" must be an array'})
     return problems, []

@@ -3,7 +3,8 @@
 For the bot's resilience tests. A rule has a regex `pattern` searched in `"METHOD /raw/path"` (e.g.
 `"^POST /api/models/.*/commit/"` or just `"/resolve/"`), a `status`, a `count` (None = until cleared), optional
 extra `headers` (e.g. `{"Retry-After": "1"}`), a `message` and an optional `delay_s` before answering. Rules are
-checked in order; the first match with count left answers instead of the server. `/_admin/...` is never faulted.
+checked in order; the first match with count left answers instead of the server. A rule with `status: None` only
+delays: after `delay_s` the server answers as usual (a slow Hub). `/_admin/...` is never faulted.
 
 Use it from Python (`hub.faults.add(...)`) or over HTTP with the admin token (`POST /_admin/faults`).
 """
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FaultRule:
     pattern: str
-    status: int = 500
+    status: int | None = 500  # None: delay, then let the server answer
     count: int | None = 1
     headers: dict[str, str] = field(default_factory=dict)
     message: str = "Injected fault"
@@ -34,8 +35,10 @@ class FaultRule:
 
     def __post_init__(self):
         self._regex = re.compile(self.pattern)
-        if not 100 <= int(self.status) <= 599:
+        if self.status is not None and not 100 <= int(self.status) <= 599:
             raise ValueError(f"invalid status {self.status}")
+        if self.status is None and self.delay_s <= 0:
+            raise ValueError("a rule without a status only delays: give it delay_s > 0")
 
     def public(self) -> dict:
         return {"id": self.id, "pattern": self.pattern, "status": self.status, "count": self.count,
@@ -51,14 +54,16 @@ class FaultInjector:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def add(self, pattern: str, status: int = 500, count: int | None = 1, *, headers: dict | None = None,
+    def add(self, pattern: str, status: int | None = 500, count: int | None = 1, *, headers: dict | None = None,
             message: str = "Injected fault", error_code: str | None = None, delay_s: float = 0.0) -> FaultRule:
-        """Make the next `count` requests whose "METHOD /path" matches `pattern` answer `status`."""
-        rule = FaultRule(pattern=pattern, status=int(status), count=count, headers=dict(headers or {}),
-                         message=message, error_code=error_code, delay_s=float(delay_s), id=next(self._ids))
+        """Make the next `count` requests whose "METHOD /path" matches `pattern` answer `status` (None: only
+        wait `delay_s`, then serve them)."""
+        rule = FaultRule(pattern=pattern, status=None if status is None else int(status), count=count,
+                         headers=dict(headers or {}), message=message, error_code=error_code, delay_s=float(delay_s),
+                         id=next(self._ids))
         with self._lock:
             self._rules.append(rule)
-        logger.info("fault rule %d: %r -> %d (count=%s)", rule.id, pattern, status, count)
+        logger.info("fault rule %d: %r -> %s (count=%s)", rule.id, pattern, status or f"a {delay_s}s delay", count)
         return rule
 
     def clear(self) -> None:
@@ -84,6 +89,13 @@ class FaultInjector:
         return None
 
 
+async def _drain(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
 class FaultMiddleware:
     """ASGI middleware answering requests that match a fault rule."""
 
@@ -99,9 +111,12 @@ class FaultMiddleware:
         rule = None if path.startswith("/_admin") else self.injector.take(scope["method"], path)
         if rule is None:
             return await self.app(scope, receive, send)
-        logger.info("fault rule %d answers %s %s with %d", rule.id, scope["method"], path, rule.status)
+        logger.info("fault rule %d answers %s %s with %s", rule.id, scope["method"], path, rule.status or "a delay")
         if rule.delay_s:
             await asyncio.sleep(rule.delay_s)
+        if rule.status is None:
+            return await self.app(scope, receive, send)
+        await _drain(receive)  # read the request body first, as a server does: closing with unread bytes resets
         body = json.dumps({"error": rule.message}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"x-error-message", rule.message.encode("latin-1", "replace"))]

@@ -106,7 +106,7 @@ class LocalHub:
         """Key and metadata of a repo the principal may see; RepoNotFound otherwise (private repos included)."""
         if repo_type not in REPO_TYPES:
             raise errors.not_found()
-        key = RepoKey.parse(repo_type, repo_id)
+        key = self.store.canonical(RepoKey.parse(repo_type, repo_id))  # names are case-insensitive, as on the Hub
         meta = self.store.get_meta(key)
         if meta is None or not principal.can_read(meta):
             raise errors.repo_not_found(repo_id, authenticated=principal.authenticated)
@@ -203,7 +203,7 @@ class LocalHub:
 
     def grant_access(self, principal: Principal | None, repo_type: str, repo_id: str, user: str) -> dict:
         """Give `user` access to a gated repo (`principal` None = administrator)."""
-        key = RepoKey.parse(repo_type, repo_id)
+        key = self.store.canonical(RepoKey.parse(repo_type, repo_id))
         if principal is not None:
             key, meta = self.repo(principal, repo_type, repo_id)
             self.require_namespace_write(principal, key, "manage access requests")

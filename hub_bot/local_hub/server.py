@@ -273,7 +273,8 @@ def create_app(hub: LocalHub) -> FastAPI:
         if not isinstance(body.get("pattern"), str):
             raise errors.bad_request("'pattern' (a regex over 'METHOD /path') is required")
         try:
-            rule = hub.faults.add(body["pattern"], int(body.get("status", 500)), body.get("count", 1),
+            status = body.get("status", 500)
+            rule = hub.faults.add(body["pattern"], None if status is None else int(status), body.get("count", 1),
                                   headers=body.get("headers"), message=body.get("message", "Injected fault"),
                                   error_code=body.get("error_code"), delay_s=float(body.get("delay_s", 0)))
         except (ValueError, re.error) as e:

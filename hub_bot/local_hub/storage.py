@@ -143,6 +143,15 @@ class RepoStore:
                     return RepoKey(key.type, ns.name, repo.name)
         return None
 
+    def canonical(self, key: RepoKey) -> RepoKey:
+        """`key` spelled as the repo was created (the Hub resolves names ignoring case); `key` itself when no repo
+        matches."""
+        if key.type not in REPO_TYPES or not NAME_RE.match(key.namespace or "") or not NAME_RE.match(key.name or ""):
+            return key
+        if (self.repo_dir(key) / "repo.json").exists():
+            return key
+        return self.find_case_insensitive(key) or key
+
     def create(self, key: RepoKey, *, private: bool, author: str, extra_meta: dict | None = None,
                initial_files: dict[str, bytes] | None = None) -> dict:
         """Create the repo with an initial commit on `main` holding `initial_files` (regular files)."""
