@@ -133,6 +133,29 @@ def test_masks_stay_exact(trainable, tokenizer):
     assert report["trainable_parameters"] < 50_000 if trainable == "lora" else report["trainable_parameters"] > 1e5
 
 
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_two_four_pattern_survives_recovery(trainable, tokenizer):
+    """What a 2:4 sparsity method leaves (two zeros in every 4 consecutive input weights of every decoder
+    linear) is still exactly 2:4 after recovery, with the same zeros."""
+    student = tiny_model("llama", 2)
+    gen = torch.Generator().manual_seed(2)
+    linears = {}
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.startswith("model.layers.") and p.dim() == 2:
+                groups = p.view(p.shape[0], -1, 4)
+                drop = torch.rand(groups.shape, generator=gen).argsort(-1)[..., :2]  # 2 random slots of 4
+                groups.scatter_(-1, drop, 0.0)
+                linears[name] = p == 0
+    model, report = recover(student, tiny_model("llama", 1), tokenizer,
+                            RecoverConfig(steps=3, trainable=trainable, **FAST))
+    after = weights(model)
+    for name, zero in linears.items():
+        assert torch.equal(after[name] == 0, zero), name  # the same zeros, no more, no fewer
+        assert ((after[name].view(zero.shape[0], -1, 4) == 0).sum(-1) == 2).all(), name
+    assert report["fixed_masks"]["weights"] == len(linears)
+
+
 def test_lora_is_merged_into_a_plain_model(tokenizer):
     teacher = tiny_model("qwen2")
     student = copy.deepcopy(teacher)
