@@ -131,7 +131,8 @@ def evaluate(model, eval_ids: torch.Tensor) -> float:
     return perplexity_of_ids(model, eval_ids, max_length=128, batch_size=16).perplexity
 
 
-def run(args) -> dict:
+def run(args, on_round=None) -> dict:
+    """The runs; `on_round(partial result)` after every round (the results so far are written as they come)."""
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -196,6 +197,10 @@ def run(args) -> dict:
         logger.info("round %d, sparsity %.3f: %s", r, s, {k: round(v, 3) for k, v in row.items() if k != "round"})
         rows.append(row)
         previous = ticket
+        if on_round is not None and r < args.rounds:
+            on_round({"dense_perplexity": dense_ppl, "rows": rows, "init": "given" if args.init else
+                      f"seed {args.seed}", "seconds": round(time.perf_counter() - clock, 1),
+                      "partial": f"{r} of {args.rounds} rounds"})
     return {"dense_perplexity": dense_ppl, "rows": rows, "init": "given" if args.init else f"seed {args.seed}",
             "seconds": round(time.perf_counter() - clock, 1)}
 
@@ -215,6 +220,8 @@ def write(result: dict, args, out: Path) -> None:
     (out.with_suffix(".json")).write_text(json.dumps({**meta, **result}, indent=2) + "\n")
     lines = [f"# Lottery ticket, {args.arch} Llama ({args.arch} config in bench/lottery.py), CPU", "",
              f"`{meta['command']}` on {meta['date']}; {meta['note']}.", "",
+             *([f"**Partial: {result['partial']} finished when this was written.**", ""] if "partial" in result
+               else []),
              f"Dense model: perplexity **{result['dense_perplexity']:.2f}** after {args.steps} steps of "
              f"{args.batch} x {args.seq_len} tokens. Each round removes {args.prune:.0%} of the surviving decoder "
              "weights (global magnitude); embeddings and norms are never pruned.", "",
@@ -279,8 +286,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(args)
-    write(result, args, args.out or ROOT / "bench" / "results" / f"lottery_{args.arch}_cpu")
+    out = args.out or ROOT / "bench" / "results" / f"lottery_{args.arch}_cpu"
+    result = run(args, on_round=lambda partial: write(partial, args, out))
+    write(result, args, out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,8 +57,9 @@ def load():
 
 def recipe(args, recover_cfg: RecoverConfig | None = None) -> core.Recipe:
     options = dict(SLIM) if args.method == "slimllm" else {}
-    return core.Recipe(method=args.method, score=args.score, target=core.Target(param_ratio=args.ratio),
-                       options=options, recover=recover_cfg)
+    options.update(yaml.safe_load(args.options or "{}") or {})
+    target = core.Target(**{args.target: args.ratio})
+    return core.Recipe(method=args.method, score=args.score, target=target, options=options, recover=recover_cfg)
 
 
 def recover_config(args, steps: int, **changes) -> RecoverConfig:
@@ -90,7 +92,8 @@ def case_slimllm(args) -> dict:
     cpu = time.process_time() - cpu
     recovered = ppl(model, tokenizer, args.eval_tokens)
     logger.info("recovered %.3f after %d steps (%.0f s)", recovered, rec["steps"], rec["seconds"])
-    return {"method": args.method, "param_ratio": args.ratio, "params": [result.params_before["total"],
+    return {"method": args.method, "param_ratio": args.ratio, "target": args.target, "options": args.options,
+            "params": [result.params_before["total"],
                                                                          result.params_after["total"]],
             "dense": dense, "one_shot": one_shot, "recovered": recovered,
             "one_shot_ratio": one_shot / dense, "recovered_ratio": recovered / dense,
@@ -170,10 +173,12 @@ def markdown(doc: dict) -> str:
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch threads {m.get('threads')}, torch "
              f"{m.get('torch')}. The machine was shared with other jobs while these ran (load average recorded "
              "per case): budgets are steps and tokens; times are what this shared machine measured.", ""]
-    for key in [k for k in ("slimllm", "slimllm_lora") if k in doc]:
+    for key in sorted(k for k in doc if k.startswith("slimllm")):
         s = doc[key]
         r = s["recovery"]
-        lines += [f"## SlimLLM at {s['param_ratio']:.0%} of parameters + distillation ({r['trainable']})", "",
+        name = "SlimLLM" if s["method"] == "slimllm" else f"{s['method']} {s.get('options') or ''}".strip()
+        share = "of parameters" if s.get("target", "param_ratio") == "param_ratio" else "of the prunable weights"
+        lines += [f"## {name} at {s['param_ratio']:.0%} {share} + distillation ({r['trainable']})", "",
                   f"`{s['command']}`", "",
                   f"- {s['params'][0]:,} -> {s['params'][1]:,} parameters; recovery: {r['objective']}, "
                   f"{r['trainable']}, {r['steps']:,} steps ({r['stopped']}), {r['tokens']:,} tokens, lr {r['lr']:g}, "
@@ -184,8 +189,8 @@ def markdown(doc: dict) -> str:
                   "on an otherwise idle core", "",
                   "| model | held-out perplexity | vs dense |", "|---|---|---|",
                   f"| dense | {s['dense']:.2f} | 1.00x |",
-                  f"| SlimLLM, one-shot | {s['one_shot']:.2f} | {s['one_shot_ratio']:.2f}x |",
-                  f"| SlimLLM + distillation | {s['recovered']:.2f} | {s['recovered_ratio']:.2f}x |", "",
+                  f"| {name}, one-shot | {s['one_shot']:.2f} | {s['one_shot_ratio']:.2f}x |",
+                  f"| {name} + distillation | {s['recovered']:.2f} | {s['recovered_ratio']:.2f}x |", "",
                   "Held-out loss curve during recovery (held-out part of the recovery data):", "",
                   "| step | tokens | held-out perplexity |", "|---|---|---|"]
         lines += [f"| {h['step']} | {h['tokens']:,} | {h['heldout_perplexity']:.2f} |" for h in s["loss_curve"]]
@@ -239,6 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="slimllm")
     p.add_argument("--score")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of all parameters removed")
+    p.add_argument("--target", choices=["param_ratio", "ratio"], default="param_ratio",
+                   help="what --ratio is a fraction of: all parameters, or the method's prunable part (sparsity: "
+                        "the decoder weights)")
+    p.add_argument("--options", help="method options as YAML, e.g. \"{pattern: '2:4', score: sparsegpt}\"")
     p.add_argument("--steps", type=int, default=400, help="recovery steps (in all)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--schedule", default="linear")
@@ -264,6 +273,7 @@ def main(argv=None) -> int:
     else:
         value = case_slimllm(args) if args.case == "slimllm" else case_iterative(args)
         key = args.case + ("_lora" if args.case == "slimllm" and args.trainable == "lora" else "")
+        key += f"_{args.method}" if args.case == "slimllm" and args.method != "slimllm" else ""
         key += f"_{args.method}" if args.case == "iterative" else ""
         save("recover_reference_cpu", key, dict(value, command=command), markdown)
     return 0
