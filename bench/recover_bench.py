@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", choices=["param_ratio", "ratio"], default="param_ratio",
                    help="what --ratio is a fraction of: all parameters, or the method's prunable part (sparsity: "
                         "the decoder weights)")
-    p.add_argument("--options", help="method options as YAML, e.g. \"{pattern: '2:4', score: sparsegpt}\"")
+    p.add_argument("--options", help="method options as YAML, e.g. \"{pattern: '2:4'}\"")
     p.add_argument("--steps", type=int, default=400, help="recovery steps (in all)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--schedule", default="linear")
