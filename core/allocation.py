@@ -10,8 +10,8 @@ from .errors import InvalidTargetError
 class Target:
     """Exactly one field is set.
 
-    ratio: fraction of the pruned component removed (MLP neurons, heads, blocks...), in [0, 1).
-    param_ratio: fraction of all model parameters removed, in [0, 1).
+    ratio: fraction of the pruned component removed (MLP neurons, heads, blocks...), in (0, 1).
+    param_ratio: fraction of all model parameters removed, in (0, 1).
     target_params: parameter count of the pruned model.
     expansion_rate: MLP only, kept width = rate * hidden_size.
     width: MLP only, kept width.
@@ -32,6 +32,8 @@ class Target:
             value = getattr(self, key)
             if value is not None and not 0.0 <= value < 1.0:
                 raise InvalidTargetError(f"{key} must be in [0, 1) (got {value}); it is the fraction removed.")
+            if value == 0.0:
+                raise InvalidTargetError(f"{key} 0 removes nothing; give the fraction to remove, e.g. 0.2.")
         if self.target_params is not None and self.target_params <= 0:
             raise InvalidTargetError(f"target_params must be positive (got {self.target_params}).")
         if self.expansion_rate is not None and self.expansion_rate <= 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -9,15 +10,63 @@ from huggingface_hub import ModelCard, ModelCardData
 logger = logging.getLogger(__name__)
 
 
+TOOL_ROOT = Path(__file__).resolve().parent.parent
+
+
+def public_model_name(name: str | None) -> str | None:
+    """How cards and recipes name a model: a Hub id as given; a local folder as a relative './path' (relative to
+    the current folder or to the tool's folder), never an absolute path of this machine (a folder elsewhere is
+    named by its last component)."""
+    if not name or not is_local_name(name):
+        return name
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        return "./" + Path(os.path.normpath(path)).as_posix().removeprefix("./")
+    path = path.resolve()
+    for root in (Path.cwd().resolve(), TOOL_ROOT):
+        if root == path or root in path.parents:
+            return "./" + path.relative_to(root).as_posix() if path != root else "."
+    return "./" + path.name
+
+
+def is_local_name(name: str) -> bool:
+    """A local folder (or a path-like name), not a Hub id."""
+    return name.startswith((".", "/", "~")) or "\\" in name or Path(name).expanduser().exists()
+
+
 def base_license(base_model: str, revision: str | None = None) -> str | None:
     """The license declared in the base model's card, if it can be read (local folder or Hub)."""
     try:
-        local = Path(base_model) / "README.md"
+        local = Path(base_model).expanduser() / "README.md"
+        if is_local_name(base_model) and not local.is_file():
+            return None
         card = ModelCard.load(local if local.is_file() else base_model, ignore_metadata_errors=True)
         return card.data.to_dict().get("license")
     except Exception as err:  # no card, offline, gated: the card simply says 'other'
-        logger.info("no license found for %s: %s", base_model, err)
+        logger.debug("no license found for %s: %s", base_model, err)
         return None
+
+
+SUBLAYER_WARNING = ("Some layers have their attention or MLP removed. Plain `AutoModelForCausalLM.from_pretrained` "
+                    "does not know that: it builds every sub-layer and silently fills the removed ones with random "
+                    "weights (its load report lists them as missing). Load this model with `core.load_pruned`.")
+
+
+def reload_note(summary: dict) -> str:
+    """One line on how the checkpoint reloads (for the CLI output and the card), from `PruneResult.summary()`."""
+    layers = summary["layers"]
+    if summary["uniform"]:
+        return "uniform: loads with AutoModelForCausalLM.from_pretrained"
+    if any(layer.get("skip") for layer in layers):
+        return ("per-layer, with removed sub-layers: load with core.load_pruned (plain from_pretrained would "
+                "silently re-create them with random weights)")
+    sizes = {(l["num_attention_heads"], l["num_key_value_heads"], l["intermediate_size"]) for l in layers}
+    if len(sizes) == 1:
+        heads = layers[0]["num_attention_heads"]
+        return (f"per-layer: every layer is the same size, but the {summary.get('family', 'model')} config check "
+                f"of transformers refuses {heads} attention heads for this hidden size as global values, so plain "
+                "from_pretrained cannot load it; load with core.load_pruned")
+    return "per-layer sizes: load with core.load_pruned (plain transformers does not build per-layer sizes yet)"
 
 
 def _fmt(n: int) -> str:
@@ -66,7 +115,7 @@ def model_card(summary: dict, recipe_yaml: str, repo_name: str, load_snippet: st
     method = summary["method"]
     base = summary["base_model"]
     # a local folder is not a valid Hub reference: the card names it in the text only
-    hub_base = None if Path(base).exists() else base
+    hub_base = None if is_local_name(base) else base
     data = ModelCardData(
         base_model=hub_base, base_model_relation="finetune" if hub_base else None, library_name="transformers",
         license=summary.get("license") or "other", tags=["pruned", method, "structured-pruning"],
@@ -77,6 +126,7 @@ def model_card(summary: dict, recipe_yaml: str, repo_name: str, load_snippet: st
         f"| {l['layer']} | {l['num_attention_heads']} | {l['num_key_value_heads']} | {l['intermediate_size']} | "
         f"{', '.join(l.get('skip', [])) or '-'} |" for l in layers)
     before, after = summary["params_before"], summary["params_after"]
+    warning = f"\n> **Warning:** {SUBLAYER_WARNING}\n" if any(l.get("skip") for l in layers) else ""
     content = f"""---
 {data.to_yaml()}
 ---
@@ -92,14 +142,14 @@ method **{method}**{f" (score `{summary['score']}`)" if summary.get('score') els
 ```python
 {load_snippet}
 ```
-
+{warning}
 ## What was removed
 
 - Layers: {summary['num_layers'][0]} -> {summary['num_layers'][1]}
 - Attention parameters: {_fmt(summary['attention_params'][0])} -> {_fmt(summary['attention_params'][1])}
 - MLP parameters: {_fmt(summary['mlp_params'][0])} -> {_fmt(summary['mlp_params'][1])}
 - Calibration data: {summary.get('calibration') or 'none (weights only)'}
-- Checkpoint layout: {'uniform (plain transformers)' if summary['uniform'] else 'per-layer sizes in `per_layer_config`'}
+- Checkpoint layout: {'uniform (plain transformers)' if summary['uniform'] else 'per-layer sizes in `per_layer_config`'}: {reload_note(summary)}
 
 | layer | query heads | KV heads | MLP width | removed sub-layers |
 |---|---|---|---|---|

@@ -1,4 +1,4 @@
-"""Command line: `python -m core prune|inspect|methods`. Flags map onto the same Recipe the Space and bot use."""
+"""Command line: `python -m core prune|inspect|eval|methods`. Flags map onto the same Recipe the Space and bot use."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,9 @@ import re
 import sys
 from pathlib import Path
 
-from . import recover_cli
-from .errors import PruningError, RecipeError
+from . import checks, recover_cli
+from .entry import configure_output, guarded
+from .errors import RecipeError
 
 logger = logging.getLogger("core")
 
@@ -27,11 +28,17 @@ def parse_count(text: str) -> int:
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, e.g. 3,5 (got {text!r})") from None
 
 
 def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 0,0.3,0.3 (got {text!r})") from None
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -41,7 +48,22 @@ def _option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value  # the method's typed options say whether a plain string will do
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors raised as one-line errors (exit 2) that name the command's --help."""
+
+    def error(self, message: str):
+        raise RecipeError(f"{message} (see `{self.prog} --help`).")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    p.add_argument("--debug", action="store_true", help="full tracebacks and library warnings")
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -54,11 +76,11 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="run the repository's own modeling code (only for repositories you trust)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    _add_common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description=__doc__)
+    parser = _Parser(prog="python -m core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and write it to a folder")
@@ -111,31 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "offline: pydoc_cloze)")
     e.add_argument("--task-dir", action="append", default=[], help="extra lm-eval task folder (repeatable)")
     e.add_argument("--limit", type=int, help="lm-eval: at most N examples per task")
-    e.add_argument("--speed", action="store_true", help="prefill latency and decode throughput (batch 1 and 8)")
-    e.add_argument("--prompt-tokens", type=int, default=256)
-    e.add_argument("--new-tokens", type=int, default=256)
-    e.add_argument("--repeats", type=int, default=3)
-    m = sub.add_parser("methods", help="list methods, scores and options")
+    e.add_argument("--speed", action="store_true", help="prefill latency and decode time, with warm-up, repeats and "
+                                                         "(with --compare) interleaved rounds")
+    e.add_argument("--prompt-tokens", type=int, default=128, help="speed: prompt length (default 128)")
+    e.add_argument("--new-tokens", type=int, default=32, help="speed: generated tokens (default 32)")
+    e.add_argument("--batch-sizes", type=_int_list, default=[1], help="speed: decode batch sizes (default 1)")
+    e.add_argument("--repeats", type=int, default=5, help="speed: timed rounds per model (default 5)")
+    e.add_argument("--warmup", type=int, default=1, help="speed: untimed rounds first (default 1)")
+    m = sub.add_parser("methods", help="list methods, what they remove, their scores and options")
     m.add_argument("--json", action="store_true")
-    m.add_argument("-q", "--quiet", action="store_true")
+    _add_common(m)
     return parser
 
 
 def _recipe_from_args(args: argparse.Namespace):
     from .recipe import Recipe
 
-    data: dict = {}
-    if args.recipe:
-        import yaml
+    from .recipe import recipe_data
 
-        try:
-            with open(args.recipe, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh) or {}
-        except OSError as err:
-            raise RecipeError(f"Cannot read recipe {args.recipe}: {err.strerror}.") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{args.recipe} is not a YAML mapping.")
-        data.pop("result", None)
+    data: dict = recipe_data(args.recipe) if args.recipe else {}
 
     def put(section: str | None, key: str, value) -> None:
         if value is None:
@@ -179,14 +195,67 @@ def _emit(args, payload: dict, lines: list[str]) -> None:
         sys.stdout.write("\n".join(lines) + "\n")
 
 
-def cmd_prune(args: argparse.Namespace) -> None:
-    from .export import check_output, save_pruned
-    from .prune import run_recipe
+# -- checks before anything is loaded ---------------------------------------------------------------------------------
 
-    recipe = _recipe_from_args(args)
-    check_output(args.out, args.overwrite)  # fail before a long pruning run, not after it
+def _check_load_args(args: argparse.Namespace) -> None:
+    checks.device(args.device)
+    checks.dtype(args.dtype)
+    checks.model_name(args.model)
+
+
+def _check_prune_args(args: argparse.Namespace) -> None:
+    _check_load_args(args)
+    for flag, minimum in (("calib_samples", 1), ("calib_seq_len", 2), ("batch_size", 1), ("round_to", 1),
+                          ("protect_first", 0), ("protect_last", 0)):
+        checks.at_least(getattr(args, flag), minimum, "--" + flag.replace("_", "-"))
+    args.max_shard_size = checks.shard_size(args.max_shard_size)
+
+
+def _check_recipe(recipe) -> tuple[str, ...]:
+    """Checks of the merged recipe (flags + file); returns the local inputs an --overwrite must not delete."""
+    from .calibration import BUILTIN, DATASET_PREFIX
+    from .model_io import resolve_model_name
+
+    checks.device(recipe.load.device)
+    checks.dtype(recipe.load.dtype)
+    checks.model_name(recipe.model)
+    inputs = [resolve_model_name(recipe.model)]
+    source = recipe.calibration.source
+    if source != BUILTIN and not source.startswith(DATASET_PREFIX):
+        inputs.append(source)
+    return tuple(p for p in inputs if Path(p).expanduser().exists())
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    _check_load_args(args)
+    checks.model_name(args.compare)
+    for flag, minimum in (("max_length", 2), ("stride", 1), ("batch_size", 1), ("max_tokens", 2), ("limit", 1),
+                          ("prompt_tokens", 1), ("new_tokens", 1), ("repeats", 1), ("warmup", 0)):
+        checks.at_least(getattr(args, flag), minimum, "--" + flag.replace("_", "-"))
+    if args.stride is not None and args.stride > args.max_length:
+        raise RecipeError(f"--stride {args.stride} is larger than --max-length {args.max_length}: windows would skip "
+                          "text. Use a stride of at most the window length.")
+    for b in args.batch_sizes:
+        checks.at_least(b, 1, "--batch-sizes")
+    if not args.no_ppl:
+        checks.text_file(args.ppl, "Evaluation text (--ppl)")
+    if args.no_ppl and not (args.tasks or args.speed):
+        logger.info("--no-ppl without --tasks or --speed: only sizes are reported")
+
+
+# -- commands ---------------------------------------------------------------------------------------------------------
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .card import reload_note
+    from .export import check_output, save_pruned
+    from .prune import normalize, run_recipe
+
+    _check_prune_args(args)
+    recipe = normalize(_recipe_from_args(args))  # method, score, options and target checked before loading
+    protect = _check_recipe(recipe)
+    check_output(args.out, args.overwrite, protect)  # fail before a long pruning run, not after it
     folder = recover_cli.checkpoint_dir(args.out)
-    result = recover_cli.interruptible(lambda: run_recipe(recipe, bars=not args.quiet and not args.json,
+    result = recover_cli.interruptible(lambda: run_recipe(recipe, bars=_bars(args),
                                                           **recover_cli.prune_kwargs(recipe, folder, args)), folder)
     out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     summary = result.summary()
@@ -195,7 +264,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         f"parameters  {summary['params_before']:,} -> {summary['params_after']:,} "
         f"({summary['params_removed_fraction']:.1%} removed)",
         f"layers      {summary['num_layers'][0]} -> {summary['num_layers'][1]}",
-        f"layout      {'uniform: loads with AutoModelForCausalLM.from_pretrained' if result.uniform else 'per-layer: loads with core.load_pruned'}",
+        f"layout      {reload_note(summary)}",
         f"time        {summary['prune_seconds']:.1f} s",
         f"written to  {out}",
     ] + recover_cli.finished(result, folder)
@@ -208,6 +277,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .model_io import LoadOptions, build_empty, load_config, resolve_model_name
     from .params import count_parameters
 
+    _check_load_args(args)
     name = resolve_model_name(args.model)
     opts = LoadOptions(revision=args.revision, trust_remote_code=bool(args.trust_remote_code))
     config = load_config(name, opts)
@@ -238,40 +308,67 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     _emit(args, info, lines)
 
 
-def _evaluate(name: str | None, args: argparse.Namespace) -> dict:
+def _evaluate(name: str | None, args: argparse.Namespace):
+    """(JSON-able numbers, the loaded model) of one model: sizes, perplexity, lm-eval."""
     from .architectures import spec_for_config
+    from .card import public_model_name
     from .evaluate import perplexity_of_file
     from .model_io import LoadOptions, load_model, resolve_model_name
     from .params import count_parameters
-    from .speed import folder_bytes, measure_speed, weight_bytes
+    from .speed import folder_bytes, weight_bytes
 
-    name = resolve_model_name(name)
+    path = resolve_model_name(name)
     opts = LoadOptions(revision=args.revision, dtype=args.dtype or "auto", device=args.device,
                        device_map=args.device_map, allow_pickle=bool(args.allow_pickle),
                        trust_remote_code=bool(args.trust_remote_code))
-    model, tokenizer = load_model(name, opts)
-    result = {"model": name, "parameters": count_parameters(model, spec_for_config(model.config))["total"],
-              "weight_bytes": weight_bytes(model), "disk_bytes": folder_bytes(name)}
+    model, tokenizer = load_model(path, opts)
+    result = {"model": name or public_model_name(path), "parameters": count_parameters(model, spec_for_config(
+        model.config))["total"], "weight_bytes": weight_bytes(model), "disk_bytes": folder_bytes(path)}
     if not args.no_ppl:
         ppl = perplexity_of_file(model, tokenizer, args.ppl, max_length=args.max_length, stride=args.stride,
                                  batch_size=args.batch_size, max_tokens=args.max_tokens)
-        result.update(perplexity=ppl.to_dict(), text=args.ppl)
+        result.update(perplexity=ppl.to_dict(), text=public_model_name(args.ppl))
     if args.tasks:
         from .harness import DEFAULT_TASKS, run_tasks
 
         tasks = list(DEFAULT_TASKS) if args.tasks == "default" else [t for t in args.tasks.split(",") if t]
         result["lm_eval"] = run_tasks(model, tokenizer, tasks, args.task_dir, args.limit, args.batch_size)
-    if args.speed:
-        result["speed"] = measure_speed(model, args.prompt_tokens, args.new_tokens, repeats=args.repeats)
-    return result
+    return result, model
+
+
+def _speed(models: list, args: argparse.Namespace) -> list[dict]:
+    """Speed of one model, or of two in interleaved rounds (with a progress bar)."""
+    from .progress import Progress
+    from .speed import measure_pair, measure_speed
+
+    sizes = dict(prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
+                 repeats=args.repeats, warmup=args.warmup)
+    progress = Progress(bars=_bars(args), unit="round")
+    try:
+        if len(models) == 1:
+            return [measure_speed(models[0], progress=progress.update, **sizes)]
+        reference, candidate = measure_pair(models[1], models[0], progress=progress.update, **sizes)
+        return [candidate, reference]
+    finally:
+        progress.close()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .speed import speed_ratios
+    """Numbers of MODEL, and with --compare REF those of REF next to them and MODEL relative to REF."""
+    from .speed import compare_timings, speed_ratios
 
-    results = [_evaluate(args.model, args)]
-    if args.compare:
-        results.append(_evaluate(args.compare, args))
+    _check_eval_args(args)
+    results, models = [], []
+    for name in [args.model] + ([args.compare] if args.compare else []):
+        result, model = _evaluate(name, args)
+        results.append(result)
+        if args.speed:
+            models.append(model)  # kept: two models are timed in interleaved rounds
+        del model
+    if args.speed:
+        for result, speed in zip(results, _speed(models, args)):
+            result["speed"] = speed
+    del models
     rows = [("parameters", lambda r: f"{r['parameters']:,}"), ("weights MB", lambda r: f"{r['weight_bytes'] / 1e6:.1f}")]
     if not args.no_ppl:
         rows += [("perplexity", lambda r: f"{r['perplexity']['perplexity']:.3f}"),
@@ -280,52 +377,75 @@ def cmd_eval(args: argparse.Namespace) -> None:
         rows += [(f"{task} {m}"[:24], lambda r, t=task, m=m: f"{r['lm_eval']['tasks'][t][m]:.4f}")
                  for m in metrics if "stderr" not in m]
     if args.speed:
-        rows += [("prefill s", lambda r: f"{r['speed']['prefill_seconds']:.4f}")]
-        rows += [(f"decode tok/s b{b}", lambda r, b=b: f"{r['speed']['decode'][b]['tokens_per_second']:.1f}")
-                 for b in results[0]["speed"]["decode"]]
+        from .compare import timing_text
+
+        rows += [(("prefill ms" if key == "prefill" else f"decode ms b{key.removeprefix('decode_b')}"),
+                  lambda r, k=key: timing_text(r["speed"]["timings"][k])) for key in results[0]["speed"]["timings"]]
     lines = [f"{'':<24}" + "".join(f"{r['model'][-40:]:>42}" for r in results)]
     lines += [f"{label:<24}" + "".join(f"{fmt(r):>42}" for r in results) for label, fmt in rows]
     payload: dict = {"results": results}
     if len(results) == 2:
-        a, b = results
-        ratios = {"parameters": b["parameters"] / a["parameters"]}
+        a, b = results  # MODEL, REF
+        ratios = {"parameters": a["parameters"] / b["parameters"], "weight_bytes": a["weight_bytes"] / b["weight_bytes"]}
         if not args.no_ppl:
-            ratios["perplexity"] = b["perplexity"]["perplexity"] / a["perplexity"]["perplexity"]
+            ratios["perplexity"] = a["perplexity"]["perplexity"] / b["perplexity"]["perplexity"]
+        parts = [f"{k.replace('_', ' ')} x{v:.3f}" for k, v in ratios.items()]
         if args.speed:
-            ratios.update(speed_ratios(a["speed"], b["speed"]))
+            payload["speed"] = compare_timings(b["speed"], a["speed"])
+            ratios.update(speed_ratios(b["speed"], a["speed"], measurable_only=True))
+            parts += [f"{entry['label']}: {entry['text']}" for entry in payload["speed"]["metrics"].values()]
         payload["ratios"] = ratios
-        lines.append("2nd vs 1st: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        lines.append(f"{a['model']} relative to {b['model']}:")
+        lines += [f"  {part}" for part in parts]
     _emit(args, payload, lines)
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from .methods import METHODS
+    from .options import describe_options
 
     payload = {}
     lines = []
     for name, method in METHODS.items():
         scores = {s: method.scores.get(s).doc for s in method.scores} if method.scores else {}
-        options = {f.name: f.default for f in dataclasses.fields(method.Options)}
-        payload[name] = {"default_score": method.default_score, "scores": scores, "options": options}
-        lines.append(f"{name} (default score: {method.default_score})")
-        lines += [f"  score {s:<12} {doc}" for s, doc in scores.items()]
-        lines += [f"  option {k} = {v!r}" for k, v in options.items()]
-    _emit(args, payload, lines)
+        described = describe_options(method.Options)
+        payload[name] = {"removes": method.describe(), "default_score": method.default_score, "scores": scores,
+                         "options": {k: v["default"] for k, v in described.items()}, "option_types": described}
+        lines.append(f"{name}: {method.describe()}")
+        if scores:
+            lines.append(f"  scores (--score, default {method.default_score}):")
+            lines += [f"    {s:<22} {doc}" for s, doc in scores.items()]
+        if described:
+            lines.append("  options (--option KEY=VALUE):")
+        for key, d in described.items():
+            allowed = f"one of {', '.join(map(str, d['choices']))}" if d["choices"] else d["type"] + (
+                f" {d['range']}" if d["range"] else "")
+            default = "null" if d["default"] is None else json.dumps(d["default"])
+            lines.append(f"    {key:<22} {allowed}; default {default}" + (f". {d['help']}" if d["help"] else ""))
+        lines.append("")
+    _emit(args, payload, lines[:-1])
 
 
 COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "eval": cmd_eval, "methods": cmd_methods,
             "recover": recover_cli.cmd_recover}
 
 
+# -- entry point -----------------------------------------------------------------------------------------------------
+
+def _bars(args: argparse.Namespace) -> bool:
+    return not (args.quiet or getattr(args, "json", False))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet or args.json else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
+    """Run one command; every failure ends as one `error:` line on stderr (tracebacks with --debug).
+
+    Exit status: 0 done, 2 bad input, 1 environment failure or bug, 130 / 143 interrupted by SIGINT / SIGTERM.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def run() -> None:
+        args = build_parser().parse_args(argv)
+        configure_output(quiet=args.quiet or getattr(args, "json", False), debug=args.debug, bars=_bars(args))
         COMMANDS[args.command](args)
-    except PruningError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
-    return 0
+
+    return guarded(run, debug="--debug" in argv)

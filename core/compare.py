@@ -1,8 +1,19 @@
 """Measuring a base model and its pruned variant the same way, and describing the difference.
 
 One definition for every front end: the CLI, the Space and the bot all report `Comparison`s — perplexity on a
-held-out text, speed ratios measured in the same process, optional lm-eval scores — and put them in model cards
-as `model-index` results plus a before/after table.
+held-out text, speed measured in the same process (warm-up, repeats, interleaved rounds; see `core.speed`),
+optional lm-eval scores — and put them in model cards as `model-index` results plus a before/after table.
+
+`Comparison.to_dict()` (JSON-able):
+
+    {"base": Measurement, "pruned": Measurement,      # params, weight_bytes, perplexity, eval_tokens, speed, lm_eval
+     "ratios": {"params": p/b, "weight_bytes": p/b, "perplexity": p/b,
+                "prefill_speedup": x, "decode_speedup_batch1": x},   # speed-ups only where measurable
+     "speed": core.speed.compare_timings(...) or None, # per metric: medians, quartiles, speed-up, verdict, text
+     "text": "held-out ...", "eval_tokens": 4096}
+
+A speed-up whose spread includes 1 has the verdict "not measurable here": it is left out of `ratios` and of the
+card's `model-index`, and the table says so instead of printing a ratio.
 """
 from __future__ import annotations
 
@@ -17,7 +28,8 @@ from huggingface_hub import EvalResult
 from .architectures import spec_for_config
 from .evaluate import perplexity_of_file
 from .params import count_parameters
-from .speed import measure_speed, speed_ratios, weight_bytes
+from .speed import (NOT_MEASURABLE, ProgressCallback, compare_timings, measure_pair, measure_speed, speed_ratios,
+                    weight_bytes)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +48,8 @@ class EvalSettings:
     prompt_tokens: int = 128
     new_tokens: int = 32
     batch_sizes: tuple[int, ...] = (1,)
-    repeats: int = 3
+    repeats: int = 5  # timed rounds per model (interleaved when two models are compared)
+    warmup: int = 1
     tasks: tuple[str, ...] = ()
     task_dirs: tuple[str, ...] = ()
     task_limit: int | None = None
@@ -57,31 +70,19 @@ class Measurement:
         return asdict(self)
 
 
-def speed_of(model, s: EvalSettings) -> dict:
-    """`measure_speed` with the settings' sizes, clamped to the model's context length."""
-    limit = getattr(model.config, "max_position_embeddings", None) or 4096
-    prompt = min(s.prompt_tokens, max(limit // 2, 8))
-    new = min(s.new_tokens, max(limit - prompt - 1, 1))
-    return measure_speed(model, prompt_len=prompt, new_tokens=new, batch_sizes=s.batch_sizes, repeats=s.repeats)
+def speed_of(model, s: EvalSettings, progress: ProgressCallback | None = None) -> dict:
+    """`measure_speed` with the settings' sizes (clamped to the model's context length)."""
+    return measure_speed(model, prompt_len=s.prompt_tokens, new_tokens=s.new_tokens, batch_sizes=s.batch_sizes,
+                         repeats=s.repeats, warmup=s.warmup, progress=progress)
 
 
-def _faster(a: dict | None, b: dict) -> dict:
-    if a is None:
-        return b
-    out = dict(a, prefill_seconds=min(a["prefill_seconds"], b["prefill_seconds"]))
-    out["decode"] = {k: max(a["decode"][k], b["decode"][k], key=lambda e: e["tokens_per_second"])
-                     for k in a["decode"]}
-    return out
-
-
-def speed_pair(base_model, pruned_model, s: EvalSettings, rounds: int = 2) -> tuple[dict, dict]:
-    """Speed of both models measured in alternation, keeping each one's best round: a busy machine slows whichever
-    model runs at the wrong moment, and the ratio of the two is what gets reported."""
-    best: list[dict | None] = [None, None]
-    for _ in range(rounds):
-        for i, model in enumerate((base_model, pruned_model)):
-            best[i] = _faster(best[i], speed_of(model, s))
-    return best[0], best[1]
+def speed_pair(base_model, pruned_model, s: EvalSettings, rounds: int = 1,
+               progress: ProgressCallback | None = None) -> tuple[dict, dict]:
+    """Speed of both models measured in interleaved rounds (`s.repeats * rounds` of them, see
+    `core.speed.measure_pair`): a busy machine slows both alike, and `compare_timings` pairs the rounds."""
+    return measure_pair(base_model, pruned_model, prompt_len=s.prompt_tokens, new_tokens=s.new_tokens,
+                        batch_sizes=s.batch_sizes, repeats=s.repeats * max(rounds, 1), warmup=s.warmup,
+                        progress=progress)
 
 
 def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
@@ -117,18 +118,28 @@ class Comparison:
     settings: EvalSettings = field(default_factory=EvalSettings)
 
     @property
+    def speed(self) -> dict | None:
+        """`core.speed.compare_timings` of the two models (None when speed was not measured): per metric the
+        medians and quartiles of both, the speed-up with its spread and a verdict."""
+        if not (self.base.speed and self.pruned.speed):
+            return None
+        return compare_timings(self.base.speed, self.pruned.speed)
+
+    @property
     def ratios(self) -> dict:
+        """pruned / base for size and perplexity; median speed-ups (> 1: the pruned model is faster) only for the
+        metrics whose spread is smaller than the effect (the others are "not measurable here", see `speed`)."""
         b, p = self.base, self.pruned
         out = {"params": p.params / b.params, "weight_bytes": p.weight_bytes / b.weight_bytes}
         if b.perplexity and p.perplexity:
             out["perplexity"] = p.perplexity / b.perplexity
         if b.speed and p.speed:
-            out.update(speed_ratios(b.speed, p.speed))
+            out.update(speed_ratios(b.speed, p.speed, measurable_only=True))
         return out
 
     def to_dict(self) -> dict:
         return {"base": self.base.to_dict(), "pruned": self.pruned.to_dict(), "ratios": self.ratios,
-                "text": self.settings.text_label, "eval_tokens": self.pruned.eval_tokens}
+                "speed": self.speed, "text": self.settings.text_label, "eval_tokens": self.pruned.eval_tokens}
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         """(measure, base, pruned, change) rows for pages and cards."""
@@ -138,14 +149,15 @@ class Comparison:
                  f"{r['weight_bytes'] - 1:+.1%}")]
         if "perplexity" in r:
             rows.append(("perplexity", f"{b.perplexity:.2f}", f"{p.perplexity:.2f}", f"x{r['perplexity']:.2f}"))
-        if b.speed and p.speed:
-            rows.append(("prefill latency (ms)", f"{1e3 * b.speed['prefill_seconds']:.1f}",
-                         f"{1e3 * p.speed['prefill_seconds']:.1f}", f"speed x{r['prefill_speedup']:.2f}"))
-            for batch, entry in b.speed["decode"].items():
-                after = p.speed["decode"].get(batch)
-                if after:
-                    rows.append((f"decode tokens/s (batch {batch})", f"{entry['tokens_per_second']:,.0f}",
-                                 f"{after['tokens_per_second']:,.0f}", f"speed x{r[f'decode_speedup_batch{batch}']:.2f}"))
+        tokens = (self.pruned.speed or {}).get("new_tokens", 1)
+        for key, entry in (self.speed or {"metrics": {}})["metrics"].items():
+            if key == "prefill":
+                rows.append(("prefill latency (ms)", timing_text(entry["base"]), timing_text(entry["pruned"]),
+                             entry["text"]))
+            else:
+                batch = int(key.removeprefix("decode_b"))
+                rows.append((f"decode tokens/s (batch {batch})", rate_text(entry["base"], batch * tokens),
+                             rate_text(entry["pruned"], batch * tokens), entry["text"]))
         for task, metrics in (b.lm_eval or {}).items():
             for metric, value in metrics.items():
                 after = (p.lm_eval or {}).get(task, {}).get(metric)
@@ -170,20 +182,41 @@ class Comparison:
         return out
 
     def markdown(self, heading: str = "Measured results") -> str:
-        speed = self.base.speed or {}
         table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in self.rows())
-        where = (f"speed on {speed.get('device', '?')} ({speed.get('dtype', '?')}), prompt of "
-                 f"{speed.get('prompt_tokens', '?')} tokens, {speed.get('new_tokens', '?')} new tokens: compare the "
-                 "ratios, not the absolute times" if speed else "speed not measured")
+        where = speed_note(self.base.speed, self.speed)
         return (f"## {heading}\n\nBase and pruned model measured the same way in one process. Perplexity on the "
                 f"first {self.pruned.eval_tokens} tokens of the {self.settings.text_label}; {where}.\n\n"
                 f"| measure | base | pruned | change |\n|---|---|---|---|\n{table}\n")
 
 
-def compare(base_model, pruned_model, tokenizer, settings: EvalSettings = EvalSettings(), rounds: int = 2) -> Comparison:
-    """Measure both models with the same settings (speed in alternating rounds, see `speed_pair`)."""
+def compare(base_model, pruned_model, tokenizer, settings: EvalSettings = EvalSettings(), rounds: int = 1,
+            progress: ProgressCallback | None = None) -> Comparison:
+    """Measure both models with the same settings (speed in interleaved rounds, see `speed_pair`)."""
     quiet = dataclasses.replace(settings, speed=False)
     comparison = Comparison(measure(base_model, tokenizer, quiet), measure(pruned_model, tokenizer, quiet), settings)
     if settings.speed:
-        comparison.base.speed, comparison.pruned.speed = speed_pair(base_model, pruned_model, settings, rounds)
+        comparison.base.speed, comparison.pruned.speed = speed_pair(base_model, pruned_model, settings, rounds,
+                                                                    progress)
     return comparison
+
+
+def timing_text(s: dict) -> str:
+    """'12.3 ± 0.4' (median ± half the interquartile range, milliseconds)."""
+    return f"{1e3 * s['median']:,.1f} ± {1e3 * (s['q3'] - s['q1']) / 2:,.1f}"
+
+
+def rate_text(s: dict, tokens: int) -> str:
+    """'78 ± 3' tokens per second from timings of `tokens` tokens (median ± half the interquartile range)."""
+    return f"{tokens / s['median']:,.0f} ± {(tokens / s['q1'] - tokens / s['q3']) / 2:,.0f}"
+
+
+def speed_note(speed: dict | None, comparison: dict | None) -> str:
+    """Where and how speed was measured, for the text under a results table."""
+    if not speed:
+        return "speed not measured"
+    how = ("both models measured in interleaved rounds" if comparison and comparison["paired"]
+           else "the models measured separately")
+    return (f"speed on {speed.get('device', '?')} ({speed.get('dtype', '?')}), {speed.get('repeats', '?')} timed "
+            f"rounds after {speed.get('warmup', '?')} warm-up, {how}; times are medians ± half the interquartile "
+            f"range, speed-ups the median of the per-round ratios with their quartiles, and \"{NOT_MEASURABLE}\" "
+            "where that spread includes no change. Compare the ratios, not the absolute times")

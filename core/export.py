@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import yaml
 
-from .card import base_license, model_card
-from .errors import OutputExistsError
+from .card import base_license, is_local_name, model_card, public_model_name
 from .prune import PruneResult
+from .staging import check_target, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -29,40 +27,44 @@ def load_snippet(result: PruneResult, repo: str) -> str:
             f"model = core.load_pruned({repo!r})")
 
 
-def recipe_document(result: PruneResult) -> dict:
+def recipe_document(result: PruneResult, folder: str | os.PathLike | None = None) -> dict:
     """The content of pruning_recipe.yaml: the recipe that was run plus its measured result."""
-    doc = result.recipe.to_dict()
+    doc = public_recipe(result.recipe, folder)
     doc["result"] = result.summary()
     return doc
 
 
-def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The resolved output folder; raises when it exists and overwriting was not asked for (check before pruning)."""
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists. Choose another --out folder or pass --overwrite.")
-    return out
+def public_recipe(recipe, folder: str | os.PathLike | None = None) -> dict:
+    """The recipe as written into `folder`: a local model or calibration file given as an absolute path is written
+    relative to `folder` (`Recipe.from_file` resolves it back), so no absolute path of this machine is recorded."""
+    doc = recipe.to_dict()
+    doc["model"] = _portable(doc.get("model"), folder)
+    if "calibration" in doc:
+        doc["calibration"]["source"] = _portable(doc["calibration"]["source"], folder)
+    return doc
+
+
+def _portable(name: str | None, folder) -> str | None:
+    if not name or not is_local_name(name) or not Path(name).expanduser().is_absolute():
+        return name  # a Hub id, 'builtin', or a relative path exactly as the user gave it
+    if folder is None:
+        return public_model_name(name)
+    rel = Path(os.path.relpath(Path(name).expanduser(), Path(folder).resolve())).as_posix()
+    return rel if rel.startswith(".") else f"./{rel}"
+
+
+def check_output(out_dir: str | os.PathLike, overwrite: bool = False, protect: tuple = ()) -> Path:
+    """The resolved output folder; raises when it exists and overwriting was not asked for, when overwriting would
+    delete a `protect`ed path (the input model) and when it cannot be written (check before pruning)."""
+    return check_target(out_dir, overwrite, protect)
 
 
 def save_pruned(result: PruneResult, out_dir: str | os.PathLike, overwrite: bool = False,
                 max_shard_size: str = "2GB", repo_name: str | None = None, extra_files: dict | None = None) -> Path:
-    """Write the pruned model to `out_dir` atomically. Returns the final path."""
+    """Write the pruned model to `out_dir` atomically (see `core.staging`). Returns the final path."""
     out = check_output(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stay on the final folder; mkdir honours the umask
-    try:
-        _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {})
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_output(out, overwrite) as tmp:
+        _write(result, tmp, max_shard_size, repo_name or out.name, extra_files or {}, out)
     logger.info("wrote %s", out)
     return out
 
@@ -86,17 +88,18 @@ def _save_weights(model, folder: Path, max_shard_size: str) -> None:
         model.config.dtype = originals[0].dtype
 
 
-def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict) -> None:
+def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: str, extra_files: dict,
+           final_folder: Path) -> None:
     model = result.model
     _save_weights(model, folder, max_shard_size)
     if result.tokenizer is not None:
         result.tokenizer.save_pretrained(folder)
-    doc = recipe_document(result)
+    doc = recipe_document(result, final_folder)
     recipe_yaml = yaml.safe_dump(doc, sort_keys=False)
     (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     summary = dict(doc["result"], method=result.recipe.method, score=result.recipe.score,
                    license=base_license(result.base_model, result.base_revision))
-    card = model_card(summary, yaml.safe_dump(result.recipe.to_dict(), sort_keys=False), repo_name,
+    card = model_card(summary, yaml.safe_dump(public_recipe(result.recipe, final_folder), sort_keys=False), repo_name,
                       load_snippet(result, repo_name))
     card.save(folder / "README.md")
     for name, content in extra_files.items():

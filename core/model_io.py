@@ -53,6 +53,9 @@ def default_device() -> str:
 
 
 def _torch_dtype(name: str, device: str, config) -> torch.dtype:
+    if name == "checkpoint":  # what plain `from_pretrained` gives: the dtype the weights are stored in
+        stored = getattr(config, "dtype", None)
+        return stored if isinstance(stored, torch.dtype) else _DTYPES.get(str(stored), torch.float32)
     if name == "auto":
         if device.startswith("cpu"):
             return torch.float32
@@ -61,7 +64,7 @@ def _torch_dtype(name: str, device: str, config) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise PruningError(f"Unknown dtype {name!r}; use one of auto, {', '.join(_DTYPES)}.") from None
+        raise PruningError(f"Unknown dtype {name!r}; use one of auto, checkpoint, {', '.join(_DTYPES)}.") from None
 
 
 def _hub_kwargs(opts: LoadOptions) -> dict:
@@ -170,7 +173,9 @@ def load_tokenizer(name: str, opts: LoadOptions = LoadOptions()):
 def load_pruned(path_or_repo_id: str, **options):
     """Load a checkpoint written by this tool, uniform or per-layer, with one call. Returns the model.
 
-    Keyword options are those of `LoadOptions` (revision, dtype, device, device_map, ...).
+    Keyword options are those of `LoadOptions` (revision, dtype, device, device_map, ...). The default dtype is the
+    checkpoint's own, as with `AutoModelForCausalLM.from_pretrained`.
     """
+    options.setdefault("dtype", "checkpoint")
     model, _ = load_model(path_or_repo_id, LoadOptions(**options))
     return model

@@ -14,9 +14,10 @@ logger = logging.getLogger(__name__)
 class Progress:
     """Forwards `update(stage, done, total)` to an optional callback and to one tqdm bar per stage."""
 
-    def __init__(self, callback: ProgressCallback | None = None, bars: bool = False) -> None:
+    def __init__(self, callback: ProgressCallback | None = None, bars: bool = False, unit: str = "layer") -> None:
         self.callback = callback
         self.bars = bars
+        self.unit = unit
         self._bar: tqdm | None = None
         self._stage: str | None = None
 
@@ -28,7 +29,7 @@ class Progress:
             return
         if stage != self._stage:
             self.close()
-            self._bar = tqdm(total=total, desc=stage, unit="layer", leave=True)
+            self._bar = tqdm(total=total, desc=stage, unit=self.unit, leave=True)
             self._stage = stage
         self._bar.n = done
         self._bar.refresh()

@@ -11,7 +11,8 @@ from typing import Any
 from torch import nn
 
 from .architectures import ArchSpec, spec_for_config
-from .errors import ModelLoadError, RecipeError, UnknownNameError
+from .card import public_model_name
+from .errors import InvalidTargetError, ModelLoadError, RecipeError, UnknownNameError
 from .layer_config import layer_shapes
 from .methods import METHODS, PruneContext
 from .model_io import LoadOptions, load_model, resolve_model_name
@@ -74,7 +75,7 @@ class PruneResult:
         before, after = self.params_before["total"], self.params_after["total"]
         return {
             "tool": "core", "tool_version": __version__,
-            "base_model": self.base_model, "base_revision": self.base_revision,
+            "base_model": public_model_name(self.base_model), "base_revision": self.base_revision,
             "family": self.spec.family,
             "calibration": self.calibration,
             "params_before": before, "params_after": after,
@@ -131,7 +132,11 @@ def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallbac
     finally:
         prog.close()
     seconds = time.perf_counter() - start
-    _check_target(recipe, before["total"], count_parameters(model, spec)["total"])
+    after = count_parameters(model, spec)["total"]
+    if after == before["total"] and getattr(method, "changes_shapes", True):
+        raise InvalidTargetError(f"The target removed nothing from the model (method {recipe.method}): raise the "
+                                 "ratio or choose a larger unit.")
+    _check_target(recipe, before["total"], after)
     name = base_model or recipe.model or getattr(model.config, "_name_or_path", "") or "unknown"
     return PruneResult(
         model=model, tokenizer=tokenizer, recipe=recipe, spec=spec, params_before=before,

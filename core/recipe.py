@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from .allocation import LayerSelection, Target
 from .calibration import CalibrationConfig
 from .errors import PruningError, RecipeError
 from .recover_config import RecoverConfig
+
+MAX_RECIPE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -62,24 +65,59 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> "Recipe":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"The recipe is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise RecipeError("A recipe must be a YAML mapping (method:, target:, ...).")
-        data.pop("result", None)  # recipes written next to checkpoints carry their results
-        return cls.from_dict(data)
+        return cls.from_dict(parse_recipe_yaml(text))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
-        try:
-            return cls.from_yaml(Path(path).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise RecipeError(f"Cannot read recipe {path}: {err.strerror}.") from None
+        return cls.from_dict(recipe_data(path))
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
+
+
+def parse_recipe_yaml(text: str, where: str = "The recipe") -> dict:
+    """The mapping of a recipe's YAML text, without the `result` section that exported recipes carry."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{where} is not valid YAML{at}: {problem}. Fix the file or write it again.") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a YAML mapping (method:, target:, ...), not {type(data).__name__}.")
+    data.pop("result", None)  # recipes written next to checkpoints carry their results
+    return data
+
+
+def recipe_data(path: str | Path) -> dict:
+    """The mapping of a recipe file, with one-line errors for missing, binary or malformed files."""
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"Recipe {path} is a folder; give the YAML file (e.g. {p / 'pruning_recipe.yaml'}).")
+    try:
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
+    except OSError as err:
+        raise RecipeError(f"Cannot read recipe {path}: {err.strerror}.") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"Recipe {path} is larger than {MAX_RECIPE_BYTES // 1024} KB; is it really a recipe?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"Recipe {path} is not a UTF-8 text file; give a YAML recipe.") from None
+    data = parse_recipe_yaml(text, f"Recipe {path}")
+    _resolve_relative(data, p.parent)
+    return data
+
+
+def _resolve_relative(data: dict, folder: Path) -> None:
+    """Exported recipes name local inputs relative to their own folder ('../base'): resolve those that exist there."""
+    calibration = data.get("calibration") if isinstance(data.get("calibration"), dict) else {}
+    for holder, key in ((data, "model"), (calibration, "source")):
+        value = holder.get(key)
+        if isinstance(value, str) and value.startswith(("./", "../")) and (folder / value).exists():
+            holder[key] = os.path.normpath(folder / value)
 
 
 def _to_plain(obj: Any) -> Any:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import recover_state
 from .architectures import spec_for_config
 from .calibration import CalibrationConfig
-from .errors import PruningError
+from .errors import Interrupted, PruningError
 from .progress import ProgressCallback
 from .recover_config import RecoverConfig
 from .recover_data import TokenSplit, heldout_batches, load_split, train_batch
@@ -247,7 +247,7 @@ class Recovery:
                     window = []
                 if self.checkpoint_dir is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     recover_state.save(self.checkpoint_dir, run_id, state, model, optimizer)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):  # Ctrl-C, or SIGINT / SIGTERM under the command line
             if self.checkpoint_dir is not None:
                 recover_state.save(self.checkpoint_dir, run_id, state, model, optimizer)
             raise

@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import RecipeError
+from .errors import Interrupted, RecipeError
 
 # flag -> field of RecoverConfig, shared by `recover` and `prune`
 _TRAINING_FLAGS = {"batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "kd": "kd", "lm": "lm",
@@ -147,14 +147,15 @@ def cmd_recover(args: argparse.Namespace) -> None:
 
 
 def interruptible(run, folder: Path):
-    """Run; on Ctrl-C nothing is written to the output, and the resumable checkpoint (if any) is named."""
+    """Run; on Ctrl-C / SIGTERM nothing is written to the output, and the resumable checkpoint (if any) is named
+    before the command line's handler reports the interrupt (exit status 128 + signal)."""
     try:
         return run()
-    except KeyboardInterrupt:
-        where = (f" The training state was saved in {folder}; run the same command with --resume to continue."
-                 if (folder / "recover_state.pt").is_file() else "")
-        sys.stderr.write(f"interrupted: nothing was written.{where}\n")
-        raise SystemExit(130) from None
+    except (KeyboardInterrupt, Interrupted):
+        if (folder / "recover_state.pt").is_file():
+            sys.stderr.write(f"The training state was saved in {folder}; run the same command with --resume to "
+                             "continue.\n")
+        raise
 
 
 def prune_kwargs(recipe, folder: Path, args: argparse.Namespace) -> dict:

@@ -30,8 +30,10 @@ def test_sizes_must_be_positive(key):
         Target(**{key: 0})
 
 
-def test_ratio_zero_is_valid_and_errors_are_pruning_errors():
-    assert Target(ratio=0.0).ratio == 0.0
+def test_ratio_zero_is_refused_and_errors_are_pruning_errors():
+    for key in ("ratio", "param_ratio"):
+        with pytest.raises(InvalidTargetError, match="removes nothing"):
+            Target(**{key: 0.0})
     assert issubclass(InvalidTargetError, PruningError) and issubclass(InvalidTargetError, ValueError)
 
 
@@ -137,8 +139,7 @@ def test_global_parameter_target_mlp_width(llama_dir, target):
     assert all(abs(removed - wanted) <= abs(removed + k * step - wanted) for k in (-1, 1))
 
 
-@pytest.mark.parametrize("target", [Target(param_ratio=0.05), Target(param_ratio=0.04), Target(param_ratio=0.08),
-                                    Target(target_params=361_000)])
+@pytest.mark.parametrize("target", [Target(param_ratio=0.05), Target(param_ratio=0.08), Target(target_params=361_000)])
 def test_global_parameter_target_attention_heads(llama_dir, target):
     result = _run(llama_dir, "attention_heads", target)
     total, removed = _removed(result)
@@ -151,6 +152,12 @@ def test_global_parameter_target_attention_heads(llama_dir, target):
     step = 4 * group
     assert abs(removed - wanted) <= step / 2
     assert all(abs(removed - wanted) <= abs(removed + k * step - wanted) for k in (-1, 1))
+
+
+def test_parameter_target_far_from_the_nearest_step_is_refused(llama_dir):
+    # 0.04 of the parameters is 31% of the KV groups; with 2 groups per layer the nearest step removes 50%
+    with pytest.raises(InvalidTargetError, match=r"asks for 31% of the KV groups but would remove 50%.*0\.5 \(1 of 2"):
+        _run(llama_dir, "attention_heads", Target(param_ratio=0.04))
 
 
 def test_global_parameter_target_respects_protected_layers(llama_dir):

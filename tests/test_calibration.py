@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import TOKENIZER_DIR
+from core import calibration
 from core.calibration import BUILTIN_TEXT, CalibrationConfig, iter_texts, load_calibration
 from core.cli import build_parser
 from core.errors import CalibrationError
@@ -129,3 +130,84 @@ def test_builtin_text_is_shipped_and_usable(tokenizer):
 def test_dataset_source_offline_is_a_calibration_error(tokenizer):
     with pytest.raises(CalibrationError, match="Could not load dataset|needs the `datasets` package"):
         load_calibration(tokenizer, _cfg("dataset:definitely-not-a-real/dataset-name:sub"))
+
+
+# -- reading only what the windows need ------------------------------------------------------------------------------
+
+class CountingTokenizer:
+    """Wraps the real tokenizer and counts the characters it is asked to encode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.inner, self.chars = tokenizer, 0
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.inner(text, **kwargs)
+
+
+def test_a_large_text_file_is_read_only_as_far_as_needed(tmp_path, tokenizer):
+    import tracemalloc
+
+    path = tmp_path / "big.txt"
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(400):  # ~20 MB, one line: no newline anywhere to split on
+            fh.write(TEXT.replace("\n", " ") * 170)
+    assert path.stat().st_size > 20_000_000
+    counting = CountingTokenizer(tokenizer)
+    tracemalloc.start()
+    ids = load_calibration(counting, _cfg(path, n_samples=4, seq_len=32))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert ids.shape == (4, 32)
+    assert counting.chars < 4 * calibration.PIECE_CHARS  # 512 tokens wanted: a piece or two, not 20 MB
+    assert peak < 5_000_000
+
+
+def test_pieces_keep_the_text_and_cut_at_spaces(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "PIECE_CHARS", 64)
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    pieces = list(calibration.iter_pieces(_cfg(path)))
+    assert "".join(p for p, _ in pieces) == TEXT  # nothing lost or repeated
+    assert [end for _, end in pieces].count(True) == 1 and pieces[-1][1]  # one document
+    assert all(len(p) <= 64 for p, _ in pieces)
+    assert all(p.endswith((" ", "\n")) for p, _ in pieces[:-2])
+
+
+def test_an_overlong_jsonl_line_is_skipped_not_loaded(tmp_path, tokenizer, monkeypatch, caplog):
+    monkeypatch.setattr(calibration, "MAX_LINE_CHARS", 5000)
+    path = tmp_path / "long.jsonl"
+    lines = [json.dumps({"text": "x " * 10000}), json.dumps({"text": TEXT})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    texts = list(iter_texts(_cfg(path)))
+    assert "".join(texts) == TEXT  # the long record is skipped, the next one read
+    assert "long.jsonl:1 is longer than 5000 characters; skipped" in caplog.text
+
+
+def test_non_utf8_jsonl_and_folder_sources(tmp_path, tokenizer):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"text": "caf"}).encode()[:-2] + "\xe9\"}\n".encode("latin-1"))
+    with pytest.raises(CalibrationError, match="not UTF-8"):
+        load_calibration(tokenizer, _cfg(path))
+    with pytest.raises(CalibrationError, match="is a folder"):
+        load_calibration(tokenizer, _cfg(tmp_path))
+
+
+def test_a_dataset_is_streamed_only_as_far_as_needed(tokenizer, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    served = []
+
+    def records():
+        while True:
+            served.append(1)
+            yield {"text": TEXT}
+
+    def load_dataset(name, subset, split, streaming):
+        assert streaming and (name, subset, split) == ("org/corpus", "en", "train")
+        return records()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    ids = load_calibration(tokenizer, _cfg("dataset:org/corpus:en", n_samples=4, seq_len=32))
+    assert ids.shape == (4, 32)
+    assert len(served) < 20  # an endless dataset: stopped once 4 x 32 x 4 tokens were collected

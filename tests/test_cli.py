@@ -257,7 +257,7 @@ def test_existing_output_needs_overwrite(capsys, tmp_path, src):
     assert "already exists" in line and "--overwrite" in line
     assert (out / "old.txt").read_text() == "keep me"
     # checked before the model is even loaded
-    line = expect_error(capsys, tmp_path, "prune", tmp_path / "missing-model", "--method", "maw", "--ratio", "0.5",
+    line = expect_error(capsys, tmp_path, "prune", "no-such-org/no-such-model", "--method", "maw", "--ratio", "0.5",
                         "--out", out)
     assert "already exists" in line
 

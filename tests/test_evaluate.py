@@ -60,19 +60,13 @@ def test_eval_cli_compares_two_models(tiny_dir, tmp_path):
 
 
 def test_speed_measurement_reports_prefill_decode_and_memory():
-    from core.speed import measure_speed, speed_ratios
+    from core.speed import measure_speed
 
     model = tiny_model("gemma3")
     speed = measure_speed(model, prompt_len=16, new_tokens=4, batch_sizes=(1, 2), repeats=1, warmup=0)
     assert speed["prefill_seconds"] > 0 and speed["peak_rss_bytes"] > 0
     assert set(speed["decode"]) == {"1", "2"}
-    assert all(v["tokens_per_second"] > 0 for v in speed["decode"].values())
-    halved = dict(speed, prefill_seconds=speed["prefill_seconds"] / 2,
-                  decode={k: {"seconds": v["seconds"] / 2, "tokens_per_second": v["tokens_per_second"] * 2}
-                          for k, v in speed["decode"].items()})
-    ratios = speed_ratios(speed, halved)
-    assert ratios["prefill_speedup"] == pytest.approx(2.0)
-    assert ratios["decode_speedup_batch2"] == pytest.approx(2.0)
+    assert all(v["tokens_per_second"] > 0 for v in speed["decode"].values())  # ratios and verdicts: test_speed.py
 
 
 def test_comparison_of_base_and_pruned_goes_into_the_card(tiny_dir, tmp_path):
@@ -93,7 +87,9 @@ def test_comparison_of_base_and_pruned_goes_into_the_card(tiny_dir, tmp_path):
     comparison = compare(base, result.model, tokenizer, settings)
     assert comparison.ratios["params"] == pytest.approx(result.params_after["total"] / result.params_before["total"])
     assert comparison.base.eval_tokens == comparison.pruned.eval_tokens > 0
-    assert {"prefill_speedup", "decode_speedup_batch1", "perplexity"} <= set(comparison.ratios)
+    assert "perplexity" in comparison.ratios
+    assert set(comparison.speed["metrics"]) == {"prefill", "decode_b1"}  # one round: no spread, so no speed ratio
+    assert not any("speedup" in k for k in comparison.ratios)
     out = core.save_pruned(result, tmp_path / "out")
     card = add_comparison(ModelCard.load(out / "README.md"), comparison, "org/tiny-maw-50pct")
     meta = yaml.safe_load(card.content.split("---")[1])

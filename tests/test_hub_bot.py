@@ -202,8 +202,9 @@ def test_push_webhook_job_variant(published, bot, alice, tmp_path, loader_run):
         assert card["license"] == "apache-2.0" and {"pruned", "structured-pruning", "pruning-bot"} <= set(card["tags"])
         metrics = {m["type"]: m["value"] for r in card["model-index"][0]["results"] for m in r["metrics"]}
         assert metrics["perplexity"] == pytest.approx(job.results["perplexity_pruned"])
-        assert {"prefill_speedup", "decode_speedup_batch1"} <= set(metrics)
+        assert not {"prefill_speedup", "decode_speedup_batch1"} & set(metrics)  # one timed round: no speed claim
         text = read_repo_file(alice, repo, "README.md", tmp_path / name)
+        assert "not measurable here" in text
         assert sha in text and "## Measured results" in text
         recipe = yaml.safe_load(read_repo_file(alice, repo, "pruning_recipe.yaml", tmp_path / name))
         assert (recipe["model"], recipe["revision"]) == (SOURCE, sha)

@@ -80,9 +80,9 @@ def test_wrong_types_are_recipe_errors(data, match):
 
 
 def test_harmless_numeric_coercions():
-    recipe = Recipe.from_dict(_base(batch_size=4.0, target={"ratio": 0}))
+    recipe = Recipe.from_dict(_base(batch_size=4.0, target={"target_params": 5e5}))
     assert recipe.batch_size == 4 and isinstance(recipe.batch_size, int)
-    assert recipe.target.ratio == 0.0 and isinstance(recipe.target.ratio, float)
+    assert recipe.target.target_params == 500_000 and isinstance(recipe.target.target_params, int)
 
 
 def test_invalid_yaml_and_non_mapping():

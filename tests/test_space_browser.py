@@ -299,7 +299,8 @@ def test_prune_download_and_push(page, app, hub, model_folder, tmp_path):
     assert after < before
     ppl_before, ppl_after = (float(v) for v in rows["perplexity"][:2])
     assert ppl_before > 1 and ppl_after > 1
-    assert rows["prefill latency (ms)"][2].startswith("speed x") and rows["decode tokens/s (batch 1)"]
+    assert rows["prefill latency (ms)"][2].split(" (")[0].endswith(("faster", "slower", "not measurable here"))
+    assert rows["decode tokens/s (batch 1)"]
     # the stage list: every stage done, with its time
     stages = page.locator("#stages li")
     assert stages.count() == 8 and "Done · took" in _text(page, "stages")

@@ -1,7 +1,7 @@
 """Pruning methods: each turns a recipe into layer plans for the surgery module. Filled by the submodules."""
 from __future__ import annotations
 
-import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..architectures import ArchSpec
-from ..calibration import load_calibration
-from ..errors import CalibrationError, InvalidTargetError, RecipeError
+from ..calibration import check_source, load_calibration
+from ..errors import InvalidTargetError, RecipeError
+from ..options import build_options
 from ..pipeline import LayerwiseRunner
 from ..progress import Progress
 from ..recipe import Recipe
@@ -61,12 +62,14 @@ class Method:
         return self.scores.get(name) if self.scores is not None and name else None
 
     def options(self, recipe: Recipe):
-        fields = {f.name for f in dataclasses.fields(self.Options)}
-        unknown = sorted(set(recipe.options) - fields)
-        if unknown:
-            raise RecipeError(f"Method {self.name!r} has no option {unknown[0]!r}; its options are: "
-                              f"{', '.join(sorted(fields)) or 'none'}.")
-        return self.Options(**recipe.options)
+        """The recipe's options as this method's typed `Options` (types, ranges and choices checked)."""
+        return build_options(self.Options, recipe.options, self.name)
+
+    def describe(self) -> str:
+        """What the method removes: the class docstring, else the first sentence of its module's docstring."""
+        doc = self.__class__.__doc__ if "__doc__" in vars(self.__class__) else None
+        doc = doc or (sys.modules[self.__class__.__module__].__doc__ or "")
+        return " ".join(doc.strip().split("\n\n")[0].split()).split(". ")[0].rstrip(".")
 
     def validate(self, recipe: Recipe) -> None:
         """Raise on anything wrong with the recipe for this method, before any model is touched."""
@@ -80,13 +83,8 @@ class Method:
             raise InvalidTargetError("Explicit per-layer ratios set how much each layer loses; they cannot be "
                                      "combined with a parameter or width target. Use `ratio` (it is then ignored) "
                                      "or drop the per-layer ratios.")
-        source = recipe.calibration.source
-        if self.needs_data(recipe) and source != "builtin" and not source.startswith("dataset:"):
-            from pathlib import Path
-
-            if not Path(source).is_file():
-                raise CalibrationError(f"Calibration file {source!r} does not exist. Give a .txt or .jsonl file, "
-                                       "'builtin', or 'dataset:NAME'.")
+        if self.needs_data(recipe):
+            check_source(recipe.calibration)
 
     def needs_data(self, recipe: Recipe) -> bool:
         score = self.score(recipe)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidTargetError, RecipeError
+from ..feasibility import check_rounding
 from ..layer_config import layer_shapes
 from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers, units_disabled
 from ..params import count_parameters
@@ -22,6 +23,7 @@ from ..scores import DEPTH_SCORES
 from ..stats import BranchOutputs, collect, linear
 from .. import recover_depth
 from ..surgery import LayerPlan, enable_bias, prune_layer, remove_layers
+from ..options import option
 from . import Method, PruneContext, register_method
 
 logger = logging.getLogger(__name__)
@@ -49,36 +51,34 @@ def _tokens(t: torch.Tensor, skip_first: bool) -> torch.Tensor:
 
 @register_method
 class Depth(Method):
+    """Removes whole decoder blocks, or only their attention or MLP sub-layers"""
+
     name = "depth"
     scores = DEPTH_SCORES
     default_score = "cosine"
 
     @dataclass(frozen=True)
     class Options:
-        unit: str = "block"  # 'block', 'attention' or 'mlp'
+        unit: str = option("block", choices=UNITS, help="what is removed")
         layers: tuple[int, ...] | None = None  # explicit units to remove (no scoring)
         iterative: bool = False  # re-score the remaining units after each removal
-        utility: str = "loss"  # sub-network scores: 'loss' or 'logit_distance' (to the full model)
-        samples: int = 64  # shapley_mc: number of random sub-networks
-        keep: float = 0.9  # shapley_mc: fraction of units present in each sub-network
-        recovery: str = "none"  # 'none' or 'mean_update' (replace a removed unit by its mean update)
-        recovery_source: str = "unpruned"  # mean update measured on the 'unpruned' or the 'pruned' model
+        utility: str = option("loss", choices=UTILITIES, help="sub-network scores: the loss, or the logit distance "
+                              "to the full model")
+        samples: int = option(64, min=2, help="shapley_mc: number of random sub-networks")
+        keep: float = option(0.9, min=0, max=1, exclusive=True, help="shapley_mc: fraction of units present in each "
+                             "sub-network")
+        recovery: str = option("none", choices=RECOVERY, help="mean_update: replace a removed unit by its mean update")
+        recovery_source: str = option("unpruned", choices=SOURCES, help="mean update measured on the unpruned or "
+                                      "the progressively pruned model")
         recovery_skip_first: bool = False  # leave position 0 (attention sink) out of the mean
         recovery_rank: int = 8  # lowrank: rank of the learned map B A x added to the constant
         recovery_steps: int = 200  # learned_bias / lowrank: optimizer steps
 
         def __post_init__(self) -> None:
-            for value, allowed, what in ((self.unit, UNITS, "unit"), (self.utility, UTILITIES, "utility"),
-                                         (self.recovery, RECOVERY, "recovery"),
-                                         (self.recovery_source, SOURCES, "recovery_source")):
-                if value not in allowed:
-                    raise RecipeError(f"Depth option {what} must be one of {allowed} (got {value!r}).")
             if self.layers is not None:
                 object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
             if self.recovery_rank < 1 or self.recovery_steps < 0:
                 raise RecipeError("Depth recovery needs recovery_rank >= 1 and recovery_steps >= 0.")
-            if self.samples < 2 or not 0 < self.keep < 1:
-                raise RecipeError("shapley_mc needs samples >= 2 and 0 < keep < 1.")
 
     def needs_data(self, recipe) -> bool:
         opts = self.options(recipe)
@@ -180,7 +180,10 @@ class Depth(Method):
         recipe = ctx.recipe
         to_remove = recipe.target.params_to_remove(count_parameters(ctx.model, ctx.spec)["total"])
         if to_remove is None:
-            return round(recipe.target.ratio * ctx.model.config.num_hidden_layers), None
+            n = ctx.model.config.num_hidden_layers
+            count = round(recipe.target.ratio * n)
+            check_rounding(recipe.target, [recipe.target.ratio], [n], [n - count], "layers", scope="the model")
+            return count, None
         return None, to_remove
 
     def select(self, ctx: PruneContext, opts, candidates: list[int]) -> tuple[list[int], list[dict]]:

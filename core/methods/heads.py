@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..allocation import keep_count, ratio_for_budget
-from ..errors import InvalidTargetError, RecipeError
+from ..errors import InvalidTargetError
+from ..feasibility import check_rounding
 from ..layer_config import head_dim, layer_shapes
 from ..layers import SKIP_ATTENTION, decoder_layers
 from ..params import count_parameters, unit_costs
@@ -15,6 +16,7 @@ from ..scores import HEAD_SCORES
 from ..scores.heads import AttentionTensors, group_scores
 from ..stats import HeadContributions, collect, linear
 from ..surgery import LayerPlan, prune_layer
+from ..options import option
 from . import Method, PruneContext, register_method, top_k
 
 MODES = ("kv_group", "query")
@@ -46,17 +48,16 @@ def plan_heads(scores: torch.Tensor, shape, mode: str, keep: int) -> LayerPlan:
 
 @register_method
 class AttentionHeads(Method):
+    """Removes attention heads: whole KV groups (a KV head with its query heads) or query heads only"""
+
     name = "attention_heads"
     scores = HEAD_SCORES
     default_score = "magnitude"
 
     @dataclass(frozen=True)
     class Options:
-        mode: str = "kv_group"  # 'kv_group' (KV head + its query heads) or 'query' (query heads only)
-
-        def __post_init__(self) -> None:
-            if self.mode not in MODES:
-                raise RecipeError(f"Head-pruning mode must be one of {MODES} (got {self.mode!r}).")
+        mode: str = option("kv_group", choices=MODES, help="kv_group: a KV head and its query heads (smaller KV "
+                           "cache); query: query heads only, the same count in every group (finer steps)")
 
     def keep_counts(self, ctx: PruneContext, mode: str) -> list[int]:
         model, recipe = ctx.model, ctx.recipe
@@ -80,7 +81,12 @@ class AttentionHeads(Method):
             ratio = ratio_for_budget(to_remove, removable, "attention heads")
         ratios = recipe.layers.layer_ratios(n, ratio)
         what = "KV groups" if mode == "kv_group" else "query heads per KV group"
-        return [keep_count(u, r, 1, what, i) if u else 0 for i, (u, r) in enumerate(zip(units, ratios))]
+        keeps = [keep_count(u, r, 1, what, i) if u else 0 for i, (u, r) in enumerate(zip(units, ratios))]
+        rep = max((s.num_attention_heads // s.num_key_value_heads for s in shapes), default=1)
+        finer = (f"For finer steps use mode query (query heads: steps of {1 / rep:.0%})." if mode == "kv_group"
+                 and rep > 1 else "")
+        check_rounding(recipe.target, ratios, units, keeps, what, finer)
+        return keeps
 
     def run(self, ctx: PruneContext) -> dict:
         model, spec = ctx.model, ctx.spec

@@ -23,6 +23,7 @@ from ..scores.slimllm import (channels_to_prune, eq11_ratios, feature_space_impo
                               input_terms, leave_one_out, regression_fit)
 from ..stats import ContributionStats, InputNorms, KeptOutputSums, OutputCovariance, collect, linear
 from ..surgery import LayerPlan, enable_bias, prune_layer
+from ..options import option
 from . import Method, PruneContext, register_method
 from .width import mlp_tensors
 
@@ -44,6 +45,8 @@ def default_alpha(ratio: float) -> float:
 
 @register_method
 class SlimLLM(Method):
+    """Removes attention heads and MLP channels (SlimLLM), with per-layer ratios and regression recovery"""
+
     name = "slimllm"
 
     @dataclass(frozen=True)
@@ -53,18 +56,16 @@ class SlimLLM(Method):
         nonuniform: bool = True  # eq. 11 per-layer ratios (False: the same ratio in every prunable layer)
         regression: bool = True  # least-squares scale (+ bias) folded into o_proj / down_proj
         keep_lowest: bool = True  # keep the lowest-scored 1% of channels (LoRAP's rule)
-        head_mode: str = "kv_group"  # 'kv_group' (KV head + its query heads) or 'query' (equal count per group)
-        alpha: float | None = None  # eq. 11 temperature (default: from the target ratio)
-        pruned_layers: int | None = None  # N_p, the number of pruned layers (default: from the target ratio)
-        clip: float = 0.9  # maximum per-layer ratio
+        head_mode: str = option("kv_group", choices=HEAD_MODES, help="kv_group: KV head + its query heads; query: "
+                                "the same count per group")
+        alpha: float | None = option(None, min=0, exclusive=True, help="eq. 11 temperature (default: from the ratio)")
+        pruned_layers: int | None = option(None, min=1, help="N_p, the number of pruned layers (default: from the "
+                                           "ratio)")
+        clip: float = option(0.9, min=0, max=1, exclusive=True, help="maximum per-layer ratio")
         prune_heads: bool = True
         prune_mlp: bool = True
 
         def __post_init__(self) -> None:
-            if self.head_mode not in HEAD_MODES:
-                raise RecipeError(f"head_mode must be one of {HEAD_MODES} (got {self.head_mode!r}).")
-            if not 0 < self.clip < 1:
-                raise RecipeError(f"clip must be in (0, 1) (got {self.clip}).")
             if not (self.prune_heads or self.prune_mlp):
                 raise RecipeError("SlimLLM with prune_heads and prune_mlp both off removes nothing.")
 

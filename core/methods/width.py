@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..allocation import keep_count, ratio_for_budget, round_to_multiple
 from ..errors import InvalidTargetError
+from ..feasibility import check_rounding
 from ..layer_config import layer_shapes
 from ..layers import SKIP_MLP, decoder_layers
 from ..params import count_parameters, unit_costs
@@ -27,6 +28,8 @@ def mlp_tensors(layer, spec, shape, input_norm=None, act_norm=None, seed=0) -> M
 
 @register_method
 class MlpWidth(Method):
+    """Removes MLP neurons (rows of gate/up and columns of down) of gated MLPs"""
+
     name = "mlp_width"
     scores = MLP_SCORES
     default_score = "maw"
@@ -46,6 +49,8 @@ class MlpWidth(Method):
                 if widths[i] and kept > widths[i]:
                     raise InvalidTargetError(f"Target width {kept} is larger than layer {i}'s MLP ({widths[i]}).")
                 out[i] = kept if widths[i] else 0
+            asked = [1 - k / w if w else 0.0 for w, k in zip(widths, out)]
+            check_rounding(target, asked, widths, out, "MLP neurons", step=multiple)
             return out
         ratio = target.ratio
         to_remove = target.params_to_remove(count_parameters(model, ctx.spec)["total"])
@@ -53,7 +58,10 @@ class MlpWidth(Method):
             removable = sum(widths[i] * unit_costs(model, ctx.spec, i).mlp_neuron for i in sel.prunable(n))
             ratio = ratio_for_budget(to_remove, removable, "MLPs")
         ratios = sel.layer_ratios(n, ratio)
-        return [keep_count(w, r, multiple, "MLP neurons", i) if w else 0 for i, (w, r) in enumerate(zip(widths, ratios))]
+        kept = [keep_count(w, r, multiple, "MLP neurons", i) if w else 0 for i, (w, r) in enumerate(zip(widths, ratios))]
+        finer = "A smaller rounding multiple (round_to) gives finer steps." if multiple > 1 else ""
+        check_rounding(target, ratios, widths, kept, "MLP neurons", finer, step=multiple)
+        return kept
 
     def run(self, ctx: PruneContext) -> dict:
         model, spec = ctx.model, ctx.spec
