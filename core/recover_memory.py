@@ -6,7 +6,9 @@ the best trainable state, and activations (per token and layer about 16 d + 4 m 
 checkpointing, 2 d with it) plus the logits of student and teacher (five [tokens, vocab] float32 buffers)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,9 +51,22 @@ def available_bytes(device: str) -> int:
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    import psutil
-
+    try:
+        import psutil
+    except ImportError:  # the command line's own requirements (requirements/core.txt) do not include psutil
+        return _available_without_psutil()
     return int(psutil.virtual_memory().available)
+
+
+def _available_without_psutil() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the free pages the OS reports."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_fits(need: MemoryEstimate, device: str, already_loaded: int = 0, hint: str = "") -> None:

@@ -287,3 +287,16 @@ def test_cli_errors_leave_nothing(pruned_per_layer, tmp_path, monkeypatch, capsy
     assert main(["recover", str(tmp_path / "nowhere"), "--out", str(out), "--steps", "0"]) == 2
     assert "error: recover --steps 0 trains nothing" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_free_memory_is_known_without_psutil(monkeypatch):
+    """The command line's own requirements (requirements/core.txt) have no psutil: the memory check still works."""
+    import sys
+
+    import psutil
+
+    from core.recover_memory import available_bytes
+
+    expected = psutil.virtual_memory().available
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    assert available_bytes("cpu") == pytest.approx(expected, rel=0.2)
