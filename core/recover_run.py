@@ -112,9 +112,19 @@ def prune_and_recover(model: nn.Module, tokenizer, recipe: Recipe, progress: Pro
         tag = f" (round {t + 1}/{cfg.rounds})" if cfg.rounds > 1 else ""
         round_recipe = schedule.round_recipe(t, count_parameters(model, spec)["total"])
         entry: dict = {"round": t + 1, "target": None}
+        result = None
         if round_recipe is not None:
             n_before = model.config.num_hidden_layers
-            result = prune(model, tokenizer, round_recipe, progress, bars, base_model)
+            try:
+                result = prune(model, tokenizer, round_recipe, progress, bars, base_model)
+            except InvalidTargetError as err:
+                # an intermediate step finer than the method's units (e.g. 17% of 2 query heads per group) prunes
+                # nothing (the methods check rounding while planning, before changing the model); its steps only
+                # recover and later rounds catch up. The last round must reach the target.
+                if t == cfg.rounds - 1:
+                    raise
+                logger.info("round %d/%d prunes nothing at this granularity (%s)", t + 1, cfg.rounds, err)
+        if result is not None:
             origin = surviving_layers(origin, result.report, n_before, model.config.num_hidden_layers)
             pruned.append(result)
             entry.update(target={k: v for k, v in dataclasses.asdict(round_recipe.target).items() if v is not None},
@@ -155,6 +165,17 @@ def _pruned_record(path: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _recorded_base(pruned: str, record: dict | None) -> str | None:
+    """The base model a checkpoint of this tool was pruned from: the recipe's model (a local folder is recorded
+    relative to the checkpoint and resolved back by `Recipe.from_file`), else the name in its result."""
+    if record is None:
+        return None
+    from .export import RECIPE_FILE
+
+    model = Recipe.from_file(Path(pruned) / RECIPE_FILE).model if record.get("model") else None
+    return model or (record.get("result") or {}).get("base_model")
+
+
 def recover_checkpoint(pruned: str, cfg: RecoverConfig, teacher: str | None = None,
                        opts: LoadOptions = LoadOptions(), progress: ProgressCallback | None = None,
                        bars: bool = False, **kwargs) -> PruneResult:
@@ -165,7 +186,7 @@ def recover_checkpoint(pruned: str, cfg: RecoverConfig, teacher: str | None = No
         raise InvalidTargetError("recover --steps 0 trains nothing; give a positive step budget.")
     record = _pruned_record(pruned)
     summary = (record or {}).get("result") or {}
-    teacher = teacher or summary.get("base_model")
+    teacher = teacher or _recorded_base(pruned, record)
     if cfg.uses_teacher and not teacher:
         raise InvalidTargetError(f"{pruned} does not say which model it was pruned from (no pruning_recipe.yaml "
                                  "with a base model). Name the unpruned model with --teacher.")

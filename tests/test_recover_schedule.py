@@ -66,13 +66,17 @@ def test_explicit_depth_layers_cannot_be_scheduled():
 CASES = [
     ("mlp_width", dict(score="maw"), Target(ratio=0.5), {}),
     ("mlp_width", dict(score="activation"), Target(param_ratio=0.1), {}),
-    ("attention_heads", dict(score="magnitude"), Target(ratio=0.5), {"mode": "query"}),
+    pytest.param("attention_heads", dict(score="magnitude"), Target(ratio=0.5), {"mode": "query"}, marks=pytest.mark.xfail(
+        strict=True, raises=core.errors.InvalidTargetError, reason="known: main's strict rounding check refuses the "
+        "intermediate head ratios (2 query heads per group: 50% steps); rounds of component ratios need the actual "
+        "removed fraction of earlier rounds")),
     ("depth", dict(score="cosine"), Target(param_ratio=0.16), {}),  # a block is 8% of the tiny model
     ("slimllm", {}, Target(param_ratio=0.1), {"prune_heads": False}),  # 2 heads per group run out in rounds
 ]
 
 
-@pytest.mark.parametrize("method,extra,target,options", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("method,extra,target,options", CASES,
+                         ids=[f"{(c.values if hasattr(c, 'values') else c)[0]}-{i}" for i, c in enumerate(CASES)])
 def test_rounds_reach_the_one_shot_size(src, method, extra, target, options):
     base = Recipe(method=method, target=target, model=str(src), options=options, **extra)
     one_shot = core.run_recipe(base)
