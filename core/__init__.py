@@ -8,6 +8,7 @@ Public API:
     save_pruned(result, out_dir)                        # atomic export with recipe and card
     load_pruned(path_or_repo_id, **load_options)        # reload uniform or per-layer checkpoints
     estimate_memory(config, recipe, device)             # memory a prune needs, from the config alone
+    Recipe(..., recover=RecoverConfig(steps=200))       # prune, then recovery training (core.recover)
 """
 __version__ = "0.1.0"
 
@@ -19,7 +20,8 @@ from .memory import estimate_memory  # noqa: E402
 from .model_io import LoadOptions, load_model, load_pruned  # noqa: E402
 from .prune import PruneResult, prune, run_recipe  # noqa: E402
 from .recipe import LoadConfig, Recipe, Stage  # noqa: E402
+from .recover_config import RecoverConfig  # noqa: E402
 
 __all__ = ["CalibrationConfig", "LayerSelection", "LoadConfig", "LoadOptions", "PruneResult", "PruningError",
-           "Recipe", "Stage", "Target", "estimate_memory", "load_model", "load_pruned", "prune", "run_recipe",
-           "save_pruned", "__version__"]
+           "Recipe", "RecoverConfig", "Stage", "Target", "estimate_memory", "load_model", "load_pruned", "prune",
+           "run_recipe", "save_pruned", "__version__"]

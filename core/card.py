@@ -114,6 +114,43 @@ def sparsity_section(sparsity: dict, recipe, disk: dict | None, sparse_format: s
 """
 
 
+def _recovery_line(rec: dict | None) -> str:
+    if not rec or not rec.get("steps"):
+        return "No fine-tuning was applied after pruning."
+    ppl = rec.get("heldout_perplexity")
+    change = f" (held-out perplexity {ppl[0]:.2f} -> {ppl[1]:.2f})" if ppl else ""
+    return (f"Recovered by training after pruning: {rec['objective']}, {rec['steps']:,} steps, "
+            f"{rec['tokens']:,} tokens{change}.")
+
+
+def _recovery_section(rec: dict | None) -> str:
+    """Objective, budget, data and the held-out loss curve of recovery training (empty without one)."""
+    if not rec or not rec.get("steps"):
+        return ""
+    curve = rec.get("loss_curve", [])
+    by_round = any("round" in h for h in curve)
+    rows = "\n".join((f"| {h.get('round')} " if by_round else "") +
+                     f"| {h['step']} | {h['tokens']:,} | "
+                     f"{'-' if h['train_loss'] is None else format(h['train_loss'], '.4f')} | {h['heldout_loss']:.4f} | "
+                     f"{h['heldout_perplexity']:.3f} |" for h in curve)
+    head = ("| round " if by_round else "") + "| step | tokens | training loss | held-out loss | held-out perplexity |"
+    rule = ("|---" if by_round else "") + "|---|---|---|---|---|"
+    rounds = f"- Rounds: {rec['rounds']} prune -> recover rounds ({rec['schedule']} schedule)\n" if rec.get("rounds") else ""
+    return f"""## Recovery training
+
+- Objective: {rec['objective']}
+- Trained: {rec['trainable']}
+- Budget: {rec['steps']:,} steps of {rec['batch'][0]} x {rec['batch'][1]} tokens ({rec['tokens']:,} tokens), \
+learning rate {rec['lr']:g}, {rec['seconds']:.0f} s on {rec['device']} ({rec['dtype']})
+- Data: {rec['data']} (held-out part for evaluation and early stopping; the best held-out state is kept)
+{rounds}
+{head}
+{rule}
+{rows}
+
+"""
+
+
 def model_card(summary: dict, recipe_yaml: str, repo_name: str, load_snippet: str) -> ModelCard:
     """Build the card from the result summary (see PruneResult.summary) and the recipe text."""
     method = summary["method"]
@@ -141,7 +178,7 @@ def model_card(summary: dict, recipe_yaml: str, repo_name: str, load_snippet: st
 
 A {"structurally " if "sparsity" not in summary else ""}pruned version of `{base}`{f" (revision `{summary['base_revision']}`)" if summary.get('base_revision') else ""}:
 {"stages **" + "**, then **".join(stages) + "**" if len(stages) > 1 else f"method **{method}**"}{f" (score `{summary['score']}`)" if summary.get('score') and len(stages) < 2 else ""}, {_fmt(before)} -> {_fmt(after)} parameters
-({summary['params_removed_fraction']:.1%} removed). No fine-tuning was applied after pruning.
+({summary['params_removed_fraction']:.1%} removed). {_recovery_line(summary.get('recovery'))}
 
 ## Load it
 
@@ -161,7 +198,7 @@ A {"structurally " if "sparsity" not in summary else ""}pruned version of `{base
 |---|---|---|---|---|
 {rows}
 
-## Recipe
+{_recovery_section(summary.get('recovery'))}## Recipe
 
 Reproduce with `python -m core prune --recipe pruning_recipe.yaml` (the file is in this repository).
 

@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import checks
+from . import checks, recover_cli
 from .entry import configure_output, guarded
 from .errors import EnvironmentFailure, RecipeError
 
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "prune writes one shard per decoder block)")
     p.add_argument("--offload-hidden", action="store_true",
                    help="keep calibration hidden states in CPU memory between blocks (many tokens on a GPU)")
+    recover_cli.add_prune_args(p)
+    recover_cli.add_recover_parser(sub)
 
     i = sub.add_parser("inspect", help="architecture and parameter counts (no weights are loaded)")
     _add_load_args(i)
@@ -230,6 +232,7 @@ def _recipe_from_args(args: argparse.Namespace):
         put("calibration", key, getattr(args, flag))
     for key in ("dtype", "device", "device_map", "allow_pickle", "trust_remote_code"):
         put("load", key, getattr(args, key))
+    recover_cli.apply_to_recipe_data(args, data)
     if "method" not in data:
         raise RecipeError("No method given: pass --method (see `python -m core methods`) or --recipe FILE.")
     if args.then:
@@ -312,8 +315,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
     check_sparse_format(recipe, sparse_format)
     protect = _check_recipe(recipe)
     check_output(args.out, args.overwrite, protect)  # fail before a long pruning run, not after it
-    result = run_recipe(recipe, bars=_bars(args), stream=args.stream, out_dir=args.out,
-                        offload_hidden=args.offload_hidden)
+    folder = recover_cli.checkpoint_dir(args.out)
+    result = recover_cli.interruptible(lambda: run_recipe(
+        recipe, bars=_bars(args), stream=args.stream, out_dir=args.out, offload_hidden=args.offload_hidden,
+        **recover_cli.prune_kwargs(recipe, folder, args)), folder)
     out = save_pruned(result, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                       sparse_format=sparse_format)
     summary = result.summary()
@@ -327,7 +332,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         f"layout      {reload_note(summary)}",
         f"time        {summary['prune_seconds']:.1f} s",
         f"written to  {out}",
-    ]
+    ] + recover_cli.finished(result, folder)
     _emit(args, {"out": str(out), "recipe": result.recipe.to_dict(), "result": summary}, lines)
 
 
@@ -557,7 +562,8 @@ def cmd_methods(args: argparse.Namespace) -> None:
     _emit(args, payload, lines[:-1])
 
 
-COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "eval": cmd_eval, "methods": cmd_methods}
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "eval": cmd_eval, "methods": cmd_methods,
+            "recover": recover_cli.cmd_recover}
 
 
 # -- entry point -----------------------------------------------------------------------------------------------------

@@ -52,6 +52,11 @@ class OutputExistsError(PruningError, FileExistsError):
     """The output folder already exists and overwriting was not asked for."""
 
 
+class InsufficientMemoryError(PruningError, MemoryError):
+    """A run would not fit in the memory of its device (refused before anything large is loaded; the message says
+    how much it needs and what needs less)."""
+
+
 class EnvironmentFailure(PruningError, OSError):
     """The machine cannot do what was asked: no such device, no space or no permission to write, no memory."""
 
@@ -109,7 +114,3 @@ def describe_failure(err: BaseException) -> tuple[str, int] | None:
 
 class DiskFullError(EnvironmentFailure):
     """The output does not fit on the disk (checked before each write, and reported when a write runs out)."""
-
-
-class InsufficientMemoryError(PruningError, MemoryError):
-    """A prune would not fit in the free memory of its device (refused before anything large is loaded)."""

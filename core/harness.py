@@ -63,6 +63,18 @@ def run_tasks(model, tokenizer, tasks: list[str], task_dirs: list[str | Path] = 
         raise PruningError("lm-eval is not installed: pip install lm-eval") from err
     if tokenizer is None:
         raise PruningError("lm-eval needs the model's tokenizer.")
+    from .streaming import is_streamed, whole
+
+    if is_streamed(model) and not model.core_stream.pinned:  # lm-eval runs the model whole: load a streamed one that fits, refuse one that does not
+        from .errors import EnvironmentFailure
+        from .memory import model_too_big
+
+        reason = model_too_big(model)
+        if reason:
+            raise EnvironmentFailure(f"lm-eval needs the model in memory and {reason}. Use a machine with more "
+                                     "memory, or evaluate perplexity only (it streams).")
+        with whole(model):
+            return run_tasks(model, tokenizer, tasks, task_dirs, limit, batch_size, num_fewshot, seed)
     with prepared_task_dirs([BUNDLED_TASKS, *task_dirs]) as include:
         manager = TaskManager(include_path=include)
         unknown = [t for t in tasks if t not in manager.all_tasks]

@@ -20,6 +20,7 @@ class LayerShape:
     intermediate_size: int
     skip: list[str] = field(default_factory=list)
     skip_bias: list[str] = field(default_factory=list)
+    skip_rank: int = 0  # rank of the learned low-rank map of the skip_bias branches (0: constant only)
 
     def overrides(self) -> dict:
         out = {k: getattr(self, k) for k in SIZE_KEYS}
@@ -27,6 +28,8 @@ class LayerShape:
             out["skip"] = sorted(self.skip)
         if self.skip_bias:
             out["skip_bias"] = sorted(self.skip_bias)
+        if self.skip_rank:
+            out["skip_rank"] = self.skip_rank
         return out
 
 
@@ -48,6 +51,7 @@ def layer_shape(config, layer_idx: int) -> LayerShape:
         intermediate_size=cfg.intermediate_size,
         skip=list(getattr(cfg, "skip", None) or []),
         skip_bias=list(getattr(cfg, "skip_bias", None) or []),
+        skip_rank=int(getattr(cfg, "skip_rank", 0) or 0),
     )
 
 
@@ -111,12 +115,14 @@ def write_layer_shapes(config, shapes: list[LayerShape]) -> bool:
     has_skips = any(s.skip for s in shapes)
     if any(s.skip_bias for s in shapes):
         config.skip_bias = []  # transformers wants a global default for every per-layer attribute
+    if any(s.skip_rank for s in shapes):
+        config.skip_rank = 0
     if not per_layer_keys and not has_skips:
         return True
     overrides = {}
     for i, shape in enumerate(shapes):
         entry = {k: getattr(shape, k) for k in sorted(per_layer_keys)}
-        entry.update({k: v for k, v in shape.overrides().items() if k in ("skip", "skip_bias")})
+        entry.update({k: v for k, v in shape.overrides().items() if k in ("skip", "skip_bias", "skip_rank")})
         overrides[i] = entry
     # per-layer attributes are read from layer configs; the flag lets transformers' own config validation read
     # the (valid) global values instead of refusing the config

@@ -20,6 +20,29 @@ SKIP_ATTENTION = "attention"
 SKIP_MLP = "mlp"
 # per-layer config key naming the skipped branches that keep a constant (bias) in place of their output
 SKIP_BIAS_KEY = "skip_bias"
+# per-layer config key: rank of the learned low-rank map those branches add to the constant (0: none)
+SKIP_RANK_KEY = "skip_rank"
+
+
+class StandIn(nn.Module):
+    """Output of a removed branch: zeros, or a constant `bias`, plus optionally a learned low-rank map of the
+    branch's input, adapter_out(adapter_in(x)) (depth pruning's learned recovery)."""
+
+    def __init__(self, hidden_size: int, with_bias: bool = False, rank: int = 0) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if with_bias else None
+        if rank:
+            self.adapter_in = nn.Linear(hidden_size, rank, bias=False)
+            self.adapter_out = nn.Linear(rank, hidden_size, bias=False)
+
+    def output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        if hasattr(self, "adapter_in"):
+            out = out + self.adapter_out(self.adapter_in(hidden_states))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -49,42 +72,29 @@ def decoder_layer_class(model_class: type) -> type:
     return getattr(sys.modules[model_class.__module__], name)
 
 
-class SkippedAttention(nn.Module):
+class SkippedAttention(StandIn):
     """Stands in for a removed attention sub-layer: outputs zeros, or a learned/computed constant `bias`.
 
     It still records zero-width keys/values in the KV cache so that sequence-length bookkeeping (positions,
     masks) keeps working when layer 0's attention is the one removed; the cache costs no memory.
     """
 
-    def __init__(self, hidden_size: int, layer_idx: int, with_bias: bool = False) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
+    def __init__(self, hidden_size: int, layer_idx: int, with_bias: bool = False, rank: int = 0) -> None:
+        super().__init__(hidden_size, with_bias, rank)
         self.layer_idx = layer_idx
-        self.bias = nn.Parameter(torch.zeros(hidden_size)) if with_bias else None
 
     def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
         if past_key_values is not None:
             empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], 0)
             past_key_values.update(empty, empty, self.layer_idx)
-        out = torch.zeros_like(hidden_states)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out, None
+        return self.output(hidden_states), None
 
 
-class SkippedMlp(nn.Module):
+class SkippedMlp(StandIn):
     """Stands in for a removed MLP sub-layer: outputs zeros, or a constant `bias`."""
 
-    def __init__(self, hidden_size: int, with_bias: bool = False) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.bias = nn.Parameter(torch.zeros(hidden_size)) if with_bias else None
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out
+        return self.output(hidden_states)
 
 
 def apply_skips(layer: nn.Module, spec: ArchSpec, layer_config, layer_idx: int) -> None:
@@ -92,13 +102,17 @@ def apply_skips(layer: nn.Module, spec: ArchSpec, layer_config, layer_idx: int) 
     so a stored constant joins the residual stream unchanged)."""
     skip = set(getattr(layer_config, "skip", None) or ())
     with_bias = set(getattr(layer_config, SKIP_BIAS_KEY, None) or ())
+    rank = int(getattr(layer_config, SKIP_RANK_KEY, 0) or 0)
     hidden = layer_config.hidden_size
     if SKIP_ATTENTION in skip:
-        set_submodule(layer, spec.attention.module, SkippedAttention(hidden, layer_idx, SKIP_ATTENTION in with_bias))
+        with_attention_bias = SKIP_ATTENTION in with_bias
+        set_submodule(layer, spec.attention.module,
+                      SkippedAttention(hidden, layer_idx, with_attention_bias, rank if with_attention_bias else 0))
         if "attention_out" in spec.norms:
             set_submodule(layer, spec.norms["attention_out"], nn.Identity())
     if SKIP_MLP in skip:
-        set_submodule(layer, spec.mlp.module, SkippedMlp(hidden, SKIP_MLP in with_bias))
+        set_submodule(layer, spec.mlp.module, SkippedMlp(hidden, SKIP_MLP in with_bias,
+                                                         rank if SKIP_MLP in with_bias else 0))
         if "mlp_out" in spec.norms:
             set_submodule(layer, spec.norms["mlp_out"], nn.Identity())
 

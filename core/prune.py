@@ -104,6 +104,7 @@ class PruneResult:
             "method_report": self.report,
             "layers": self.layers(),
             **({"sparsity": self.extra["sparsity"]} if "sparsity" in self.extra else {}),
+            **({"recovery": self.extra["recovery"]} if "recovery" in self.extra else {}),
         }
 
 
@@ -121,12 +122,25 @@ def _hub_revision(name: str, revision: str | None) -> str | None:
 
 
 def prune(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallback | None = None,
-          bars: bool = False, base_model: str | None = None, offload_hidden: bool = False) -> PruneResult:
+          bars: bool = False, base_model: str | None = None, offload_hidden: bool = False,
+          **recovery) -> PruneResult:
     """Prune `model` in place according to `recipe` (every stage, in order). A streamed model
     (`LoadOptions(stream=True)`) is pruned one block at a time; its changed blocks wait on disk until
     `save_pruned`. `offload_hidden` keeps the calibration hidden states in CPU memory between blocks (for many
-    calibration tokens on a GPU)."""
+    calibration tokens on a GPU). With a `recover:` section, recovery training follows (in one or several
+    prune -> recover rounds, on a model in memory); `recovery` keywords (on_event, should_stop, teacher,
+    checkpoint_dir, resume) go to `core.recover_run.prune_and_recover`."""
     recipe = normalize(recipe)
+    if recipe.recover is not None:
+        if getattr(model, "core_stream", None) is not None:
+            raise RecipeError("Recovery training (recover:) trains the model in memory: load it whole "
+                              "(LoadOptions(stream=False)) or prune without recover: and train afterwards.")
+        from .recover_run import prune_and_recover
+
+        return prune_and_recover(model, tokenizer, recipe, progress, bars, base_model, **recovery)
+    if recovery:
+        raise RecipeError(f"Recovery options ({', '.join(sorted(recovery))}) were given but the recipe has no "
+                          "recover: section; add one (e.g. recover: {steps: 200}) or drop the options.")
     spec = spec_for_config(model.config)
     stream = getattr(model, "core_stream", None)
     if stream is None and any(p.is_meta for p in model.parameters()):
@@ -188,20 +202,32 @@ def _check_target(recipe: Recipe, before: int, after: int) -> None:
 
 def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False,
                stream: bool | None = None, out_dir: str | Path | None = None,
-               offload_hidden: bool = False) -> PruneResult:
-    """Load the recipe's model and prune it.
+               offload_hidden: bool = False, **recovery) -> PruneResult:
+    """Load the recipe's model and prune it (and recover it, with a `recover:` section).
 
     By default the model streams (one decoder block in memory at a time, see core.streaming) whenever it can:
     safetensors weights and no device map; `stream=False` loads it whole, `stream=True` insists on streaming.
     A streamed run writes its changed blocks as it goes: into the temporary folder of `out_dir` when given (the
     folder `save_pruned(result, out_dir)` then moves into place), else into a temporary folder of its own; both
-    are removed if the run fails.
+    are removed if the run fails. Recovery training needs the whole model in memory: a recipe with `recover:`
+    never streams.
     """
     recipe = normalize(recipe)
     name = resolve_model_name(recipe.model)
     load = recipe.load
-    opts = LoadOptions(revision=recipe.revision, dtype=load.dtype, device=load.device, device_map=load.device_map,
-                       allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)
+    opts = load_options(recipe)
+    if recipe.recover is not None:
+        if stream:
+            raise RecipeError("Recovery training (recover:) trains the model in memory, so it cannot stream: drop "
+                              "--stream, or prune streamed without recover: and train afterwards with "
+                              "`python -m core recover`.")
+        stream = False
+    whole_only = [s.method for s in recipe.stages() if not METHODS.get(s.method).streams(s)]
+    if whole_only and stream:
+        raise RecipeError(f"This {whole_only[0]} recipe (its score or recovery needs gradients through the whole "
+                          "model) cannot stream: drop --stream.")
+    if whole_only:
+        stream = False
     streamed = can_stream(name, opts) if stream is None else stream
     # weights only: scores compute in float32 from their own copies and surgery only slices, so streamed blocks
     # stay in the checkpoint's dtype while pruning (half the memory, no casts; the result is the same bit for bit)
@@ -218,7 +244,7 @@ def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: b
 
             store.use_work_folder(staged_name(Path(out_dir).expanduser().resolve()))
         result = prune(model, tokenizer, recipe, progress, bars, base_model=recipe.model or name,
-                       offload_hidden=offload_hidden)
+                       offload_hidden=offload_hidden, **recovery)
     except BaseException:
         if store is not None:
             store.close()
@@ -226,3 +252,9 @@ def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: b
     if in_source_dtype:  # the result computes like any other (evaluation, speed) in the usual dtype
         result.model = reopen(result.model, compute_dtype(opts.dtype, str(store.device), model.config))
     return result
+
+
+def load_options(recipe: Recipe) -> LoadOptions:
+    load = recipe.load
+    return LoadOptions(revision=recipe.revision, dtype=load.dtype, device=load.device, device_map=load.device_map,
+                       allow_pickle=load.allow_pickle, trust_remote_code=load.trust_remote_code)

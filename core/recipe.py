@@ -15,6 +15,7 @@ import yaml
 from .allocation import LayerSelection, Target
 from .calibration import CalibrationConfig
 from .errors import PruningError, RecipeError
+from .recover_config import RecoverConfig
 
 MAX_RECIPE_BYTES = 1 << 20
 
@@ -61,6 +62,7 @@ class Recipe:
     seed: int = 0
     load: LoadConfig = field(default_factory=LoadConfig)
     then: tuple[Stage, ...] = ()  # further stages, run in order after this one
+    recover: RecoverConfig | None = None  # recovery training after pruning (and prune -> recover rounds)
 
     def __post_init__(self) -> None:
         if self.round_to < 1:

@@ -34,6 +34,8 @@ class LayerPlan:
     mlp: list[int] | None = None
     skip: set[str] = field(default_factory=set)
     skip_bias: dict[str, torch.Tensor] = field(default_factory=dict)  # constant output of a removed branch
+    # learned low-rank map (A [r, d], B [d, r]) a removed branch adds to its constant: B A x (needs skip_bias)
+    skip_adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _rows(units: list[int], size: int) -> torch.Tensor:
@@ -155,6 +157,10 @@ def prune_layer(model: nn.Module, spec: ArchSpec, layer_idx: int, plan: LayerPla
             module = spec.attention.module if branch == SKIP_ATTENTION else spec.mlp.module
             state[f"{module}.bias"] = plan.skip_bias[branch].detach().clone()
             shape.skip_bias = sorted(set(shape.skip_bias) | {branch})
+        if branch in plan.skip_adapter:
+            a, b = plan.skip_adapter[branch]
+            state[f"{module}.adapter_in.weight"], state[f"{module}.adapter_out.weight"] = a.detach(), b.detach()
+            shape.skip_rank = a.shape[0]
     if skipped >= {SKIP_ATTENTION, SKIP_MLP}:
         logger.debug("layer %d has both sub-layers removed (an empty block)", layer_idx)
 

@@ -8,6 +8,9 @@ the tokenizer, a generation config, ``training_metrics.json`` and a model card::
 
     python reference/train.py --minutes 75 --threads 1
     python reference/train.py --minutes 75 --threads 1 --resume   # after an interruption
+
+For lottery-ticket experiments it also keeps the initialisation (``reference/work/init.pt``) and the weights at an
+early rewind point (``reference/work/rewind.pt``, step ``--rewind-step``); neither changes the trained model.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ class Trainer:
         self.commands: list[str] = []
         if args.resume and self.checkpoint_path.exists():
             self._load()
+        elif args.rewind_step:
+            self.save_weights("init.pt")
         self.commands.append(" ".join(["python", "reference/train.py", *sys.argv[1:]]))
 
     def _optimizer(self) -> torch.optim.AdamW:
@@ -133,6 +138,14 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
 
+    def save_weights(self, name: str) -> None:
+        """The model's weights (float32 state dict, with the step) in WORK/name, written atomically."""
+        self.args.work.mkdir(parents=True, exist_ok=True)
+        tmp = self.args.work / f"{name}.tmp"
+        torch.save({"step": self.step, "model": self.model.state_dict()}, tmp)
+        os.replace(tmp, self.args.work / name)
+        log.info("saved the weights of step %d to %s", self.step, self.args.work / name)
+
     def tokens_seen(self) -> int:
         return self.step * self.args.batch_size * SEQ_LEN
 
@@ -156,6 +169,8 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            if self.step == args.rewind_step:
+                self.save_weights("rewind.pt")
             loss_value = loss.item()
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
             if self.step % args.log_every == 0:
@@ -339,6 +354,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--rewind-step", type=int, default=100,
+                        help="save WORK/init.pt and the weights of this step to WORK/rewind.pt (lottery-ticket "
+                             "rewinding; 0 = neither)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="bfloat16 autocast for training steps (evaluation is float32)")
     args = parser.parse_args()

@@ -145,6 +145,16 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                     speed_default, label="Measure speed (base vs pruned)", elem_id="measure-speed",
                     info="Quick on a GPU; on a CPU it takes longer than the pruning itself" +
                          (" (off by default here)." if not speed_default else "."))
+                with gr.Accordion("Recovery training (optional, slow)", open=False):
+                    gr.Markdown("After pruning, the pruned model learns from the unpruned one (logit distillation) "
+                                "on the calibration source for a number of steps; the base model stays in memory "
+                                "as the teacher. A few hundred steps win back much of the lost perplexity.",
+                                elem_classes="small-note")
+                    with gr.Row():
+                        recover_steps = gr.Number(0, precision=0, minimum=0, label="Steps (0 = none)",
+                                                  min_width=120, elem_id="recover-steps")
+                        recover_minutes = gr.Number(0, minimum=0, label="Time limit, minutes (0 = none)",
+                                                    min_width=120, elem_id="recover-minutes")
                 with gr.Accordion("lm-eval tasks (optional, slow)", open=False):
                     gr.Markdown("lm-eval runs every task on the base and on the pruned model: seconds for the "
                                 "bundled `pydoc_cloze` on the reference model, minutes to hours for large models "
@@ -225,7 +235,8 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                   "protect_first": protect_first, "protect_last": protect_last, "calib_source": calib_source,
                   "calib_dataset": calib_dataset, "calib_file": calib_file, "calib_samples": calib_samples,
                   "calib_seq_len": calib_seq_len, "prompt": prompt, "lm_eval": lm_eval, "lm_eval_tasks": lm_tasks,
-                  "lm_eval_limit": lm_limit, "measure_speed": measure_speed}
+                  "lm_eval_limit": lm_limit, "measure_speed": measure_speed, "recover_steps": recover_steps,
+                  "recover_minutes": recover_minutes}
 
         def hidden() -> dict:  # fresh dicts every time: Gradio consumes the updates it is given
             return {results: gr.update(visible=False), samples: gr.update(visible=False),
@@ -327,7 +338,8 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                   target: str = "ratio", options: str = "", calibration: str = "shipped", dataset: str = "",
                   samples: int = 32, seq_len: int = 128, prompt: str = handlers.DEFAULT_PROMPT,
                   speed: bool | None = None, lm_eval_tasks: str = "", lm_eval_limit: int = 50, round_to: int = 1,
-                  protect_first: int = 0, protect_last: int = 0, request: gr.Request = None,
+                  protect_first: int = 0, protect_last: int = 0, recover_steps: int = 0,
+                  recover_minutes: float = 0, request: gr.Request = None,
                   oauth_token: gr.OAuthToken | None = None, profile: gr.OAuthProfile | None = None
                   ) -> tuple[dict, FileData]:
             """Prune a model and measure it against its base; returns the results and the pruned model as a zip.
@@ -352,6 +364,8 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                 round_to: round kept widths to a multiple of this.
                 protect_first: keep the first N layers unpruned.
                 protect_last: keep the last N layers unpruned.
+                recover_steps: recovery training steps after pruning (distillation from the base model; 0: none).
+                recover_minutes: time limit of the recovery training in minutes (0: the steps alone).
             """
             form = forms.Form(model=model, method=method, score=score or None, target_kind=target,
                               target_value=str(ratio), options_yaml=options, round_to=round_to,
@@ -359,7 +373,8 @@ def build_app(settings: Settings | None = None, store: ResultStore | None = None
                               calib_source=calibration, calib_dataset=dataset, calib_samples=samples,
                               calib_seq_len=seq_len, prompt=prompt, lm_eval=bool(lm_eval_tasks.strip()),
                               lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit,
-                              measure_speed=speed_default if speed is None else bool(speed))
+                              measure_speed=speed_default if speed is None else bool(speed),
+                              recover_steps=recover_steps, recover_minutes=recover_minutes)
             if form.calib_source not in ("shipped", "dataset"):
                 raise _api_error("calibration must be \"shipped\" or \"dataset\" (uploads are for the page).")
             session = request.session_hash if request is not None else "api"

@@ -16,6 +16,7 @@ from core.cli import parse_count
 from core.errors import PruningError
 from core.methods import METHODS
 from core.recipe import Recipe
+from core.recover_config import RecoverConfig
 
 from .errors import SpaceError, friendly
 
@@ -51,7 +52,9 @@ SCORE_TITLES = {
     "subnet_contrast": "Random sub-network contrast",
     "wanda": "Wanda (|w| × input norm)",
     "sparsegpt": "SparseGPT (reconstruction with weight update)",
-    "taylor": "Taylor (|w × gradient|)",
+    "taylor": "Gradient x weight (first-order Taylor)",
+    "entropy": "Value norm / attention entropy",
+    "contribution_gradient": "Residual contribution x gradient",
 }
 CALIBRATION_SOURCES = {"shipped": "shipped text", "dataset": "a dataset on the Hub", "upload": "an uploaded file"}
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
@@ -80,6 +83,8 @@ class Form:
     lm_eval_tasks: str = "pydoc_cloze"
     lm_eval_limit: int = 50
     measure_speed: bool = False
+    recover_steps: int = 0  # recovery training (distillation from the base model) after pruning; 0: none
+    recover_minutes: float = 0  # its time limit (0: the steps alone)
 
 
 # -- methods from the registry -----------------------------------------------------------------------------------
@@ -252,13 +257,25 @@ def build_recipe(form: Form, model: str | None, max_upload_mb: int = 50) -> Reci
             layers=LayerSelection(protect_first=int(form.protect_first or 0),
                                   protect_last=int(form.protect_last or 0)))
         method.validate(recipe)
-        if method.needs_data(recipe):
+        if method.needs_data(recipe) or int(form.recover_steps or 0) > 0:
             recipe = recipe.replace(calibration=calibration(form, max_upload_mb))
+        recipe = recipe.replace(recover=recovery(form))
     except PruningError as err:
         raise SpaceError(friendly(err)) from None
     except (TypeError, ValueError) as err:  # e.g. options of the wrong type reaching the Options dataclass
         raise SpaceError(f"Invalid setting: {err}") from None
     return recipe
+
+
+def recovery(form: Form) -> RecoverConfig | None:
+    """The recovery budget of the form: steps (0: no recovery) and an optional time limit in minutes. It trains
+    on the calibration source (its held-out tenth for early stopping), distilling from the unpruned model."""
+    steps, minutes = int(form.recover_steps or 0), float(form.recover_minutes or 0)
+    if steps < 0 or minutes < 0:
+        raise SpaceError("Recovery steps and minutes cannot be negative (0: no recovery, no time limit).")
+    if steps == 0:
+        return None
+    return RecoverConfig(steps=steps, max_seconds=60 * minutes if minutes else None)
 
 
 def needs_calibration(method: str, score: str | None, options_text: str = "") -> bool:

@@ -22,6 +22,7 @@ BASE_SECONDS = 30
 SECONDS_PER_GB = 6
 SPEED_SECONDS = 40
 LM_EVAL_SECONDS = 60
+RECOVER_SECONDS_PER_GB_STEP = 0.02  # a distillation step of 8 x 128 tokens: teacher forward + student training
 
 
 def on_zerogpu() -> bool:
@@ -40,11 +41,16 @@ def has_gpu(device: str | None = None) -> bool:
     return torch.cuda.is_available()
 
 
-def job_seconds(params: int, speed: bool, lm_eval: bool, max_seconds: int) -> int:
-    """GPU seconds to ask ZeroGPU for one job on a model of `params` parameters (bf16 weights)."""
+def job_seconds(params: int, speed: bool, lm_eval: bool, max_seconds: int, recover_steps: int = 0,
+                recover_seconds: float | None = None) -> int:
+    """GPU seconds to ask ZeroGPU for one job on a model of `params` parameters (bf16 weights), with
+    `recover_steps` recovery steps after pruning (at most `recover_seconds` of them, when given)."""
     gigabytes = 2 * params / 1e9
+    recover = RECOVER_SECONDS_PER_GB_STEP * gigabytes * recover_steps
+    if recover_seconds is not None:
+        recover = min(recover, recover_seconds)
     wanted = BASE_SECONDS + SECONDS_PER_GB * gigabytes + (SPEED_SECONDS if speed else 0) + (
-        LM_EVAL_SECONDS if lm_eval else 0)
+        LM_EVAL_SECONDS if lm_eval else 0) + recover
     if wanted > max_seconds:
         logger.warning("the job may need %.0f s of GPU time; ZeroGPU is asked for the maximum, %d s", wanted,
                        max_seconds)

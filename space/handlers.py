@@ -112,7 +112,7 @@ class Measured:
 
 
 def job_stages(form: forms.Form) -> list[str]:
-    keys = ["check", "download", "load", "base", "prune", "pruned"]
+    keys = ["check", "download", "load", "base", "prune"] + (["recover"] if forms.recovery(form) else []) + ["pruned"]
     return keys + (["speed"] if form.measure_speed else []) + ["save"]
 
 
@@ -247,7 +247,9 @@ def _gpu_part(prep: Prepared, form: forms.Form, settings: Settings, folder: Path
 
 
 def _gpu_seconds(prep: Prepared, form: forms.Form, settings: Settings, *_) -> int:
-    return gpu.job_seconds(prep.info.params, form.measure_speed, form.lm_eval, settings.gpu_max_seconds)
+    rec = prep.recipe.recover
+    return gpu.job_seconds(prep.info.params, form.measure_speed, form.lm_eval, settings.gpu_max_seconds,
+                           recover_steps=rec.steps if rec else 0, recover_seconds=rec.max_seconds if rec else None)
 
 
 run_on_gpu = gpu.gpu_task(_gpu_part, duration=_gpu_seconds)
@@ -287,6 +289,9 @@ def _prune_and_measure(reporter: Reporter, prep: Prepared, form: forms.Form, set
         return m, evaluation.generate(model, tokenizer, prompt, settings.generation_tokens)
 
     def on_layer(name: str, done: int, total: int) -> None:
+        if name.startswith("recover"):  # recovery training after pruning: optimizer steps
+            reporter.stage("recover", done / max(total, 1), f"{name}: step {done} of {total}")
+            return
         reporter.stage("prune", done / max(total, 1), f"{name}: layer {done} of {total}")
         logger.info("pruning (%s): layer %d/%d", name, done, total)
 

@@ -20,12 +20,13 @@ STAGES = {
     "load": "Load the model",
     "base": "Measure the base model",
     "prune": "Prune",
+    "recover": "Recovery training (distillation)",
     "pruned": "Measure the pruned model",
     "speed": "Measure the speed of both models",
     "save": "Save the pruned model and zip it",
 }
 # relative to measuring the base model: the stages after it, before any job has finished (rough, labelled "about")
-_PRIOR = {"prune": 1.5, "pruned": 1.0, "speed": 4.0, "save": 0.5}
+_PRIOR = {"prune": 1.5, "recover": 10.0, "pruned": 1.0, "speed": 4.0, "save": 0.5}
 
 
 def fmt_duration(seconds: float) -> str:

@@ -112,7 +112,10 @@ def test_slimllm_beats_slimllm_with_inverted_scores(reference, slimllm_20, monke
 # with uniform ratios 7.83, with inverted scores 7.97; random MLP neurons at 20% 9.26. The bound is the recorded
 # value plus 2%: it fails when SlimLLM loses its per-layer ratios or its scores invert, not on floating-point
 # noise. When a change makes SlimLLM better, lower the recorded value here (this test prints the value with -s).
-SLIMLLM_20_BOUND = 7.305 * 1.02
+# Re-recorded after the paper-fidelity changes (issue 14: end layers protected by default, heads and channels of a
+# layer at one ratio): 7.4906. That is the paper's setting, not a regression; it stays clear of uniform ratios
+# (7.83) and inverted scores (7.97).
+SLIMLLM_20_BOUND = 7.4906 * 1.02
 
 
 def test_slimllm_at_20_percent_stays_below_its_recorded_bound(slimllm_20):

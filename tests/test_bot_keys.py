@@ -15,7 +15,8 @@ from hub_bot.recipes import recipe_entry, recipe_hash
 from hub_bot.store import JobStore, NewJob
 
 BASE = Recipe.from_dict({"method": "mlp_width", "score": "maw", "target": {"ratio": 0.3},
-                         "layers": {"protect_first": 1}, "options": {"offset": 0.01}})
+                         "layers": {"protect_first": 1}, "options": {"offset": 0.01},
+                         "recover": {"steps": 50}})  # a recover: section, so that its fields are covered too
 NOT_HASHED = {"model", "revision"}  # the bot fills them in per job; the job key has the source repo and sha
 
 
@@ -36,6 +37,8 @@ def changed(value, annotation):
     """Another value of the field's type."""
     kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     kind = typing.get_origin(kinds[0]) or kinds[0]
+    if dataclasses.is_dataclass(kind) and value is None:  # an optional section: present instead of absent
+        return kind()
     if kind is bool:
         return not value
     if kind is int:
@@ -69,7 +72,7 @@ def test_every_field_is_covered():
     """The fields come from the Recipe dataclass itself, so a field added later is covered too."""
     names = {path for path, _ in FIELDS}
     assert {"method", "score", "target.ratio", "options", "calibration.n_samples", "layers.ratios", "load.dtype",
-            "seed", "batch_size", "round_to"} <= names
+            "seed", "batch_size", "round_to", "recover.steps", "recover.trainable", "recover.data"} <= names
     assert not names & NOT_HASHED and len(names) == len(FIELDS)
 
 
@@ -88,6 +91,10 @@ def test_recipe_hash_sees_option_values_and_ignores_model_and_revision():
     short = recipe_entry({"method": "maw", "target": {"ratio": 0.3}})
     spelled = recipe_entry({"method": "mlp_width", "score": "maw", "target": {"ratio": 0.3}})
     assert short.hash == spelled.hash  # the same recipe, spelled two ways
+    # recovery training is part of what a variant is: with and without it are two jobs
+    recovered = recipe_entry({"method": "maw", "target": {"ratio": 0.3}, "recover": {"steps": 200,
+                                                                                      "max_seconds": 600}})
+    assert recovered.hash != short.hash and recovered.recipe.recover.max_seconds == 600
 
 
 def job(**changes) -> NewJob:

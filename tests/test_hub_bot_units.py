@@ -286,6 +286,7 @@ def test_example_config_parses():
     config = BotConfig.from_file(Path(__file__).resolve().parent.parent / "hub_bot" / "bot.example.yaml")
     assert config.webhook and config.poll_interval_s == 900 and [e.publish for e in config.watch] == ["repo", "pr"]
     assert config.watch[0].recipes[1].name == "slimllm-20pct"
+    assert config.watch[0].recipes[2].recipe.recover.max_seconds == 3600  # recovery with a time budget
 
 
 def test_bot_refuses_a_token_the_hub_rejects(tmp_path):

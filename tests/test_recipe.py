@@ -125,7 +125,7 @@ def test_unknown_method_lists_available_with_did_you_mean(method, suggestion):
 
 
 def test_unknown_score_names_the_method_scores():
-    with pytest.raises(UnknownNameError, match=r"Did you mean 'magnitude'\?.*activation, magnitude, random"):
+    with pytest.raises(UnknownNameError, match=r"Did you mean 'magnitude'\?.*activation, entropy, magnitude, random, taylor"):
         normalize(Recipe(method="attention_heads", score="magnitud", target=Target(ratio=0.5)))
 
 

@@ -326,8 +326,9 @@ def test_slimllm_options_are_validated_before_any_model_is_loaded(options, messa
 
 @pytest.mark.parametrize("family,recipe,message", [
     ("llama_mha", dict(target=core.Target(ratio=0.3), options={"head_mode": "query"}), "no GQA groups"),
-    ("llama", dict(target=core.Target(ratio=0.5), options={"nonuniform": False, "clip": 0.3}), "above the clip"),
-    ("llama", dict(target=core.Target(ratio=0.5), options={"pruned_layers": 1, "clip": 0.5},
+    ("llama", dict(target=core.Target(ratio=0.5), options={"nonuniform": False, "clip": 0.3, "protect_ends": False}),
+     "above the clip"),
+    ("llama", dict(target=core.Target(ratio=0.5), options={"pruned_layers": 1, "clip": 0.5, "protect_ends": False},
                    layers=core.LayerSelection(protect_first=3)), "above the clip"),
 ])
 def test_slimllm_targets_it_cannot_meet_are_refused(tiny_dir, family, recipe, message):

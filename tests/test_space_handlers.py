@@ -141,6 +141,16 @@ def test_form_to_recipe():
     assert (r.calibration.source, r.calibration.n_samples, r.calibration.seq_len) == ("dataset:wikitext:raw", 8, 64)
 
 
+def test_form_recovery_budget():
+    assert forms.build_recipe(forms.Form(), None).recover is None  # 0 steps: no recovery
+    r = forms.build_recipe(forms.Form(recover_steps=300, recover_minutes=2.5), None)
+    assert (r.recover.steps, r.recover.max_seconds, r.recover.kd) == (300, 150.0, 1.0)
+    assert r.calibration.source == "builtin"  # recovery trains on the calibration source, even for weight scores
+    assert forms.build_recipe(forms.Form(recover_steps=10), None).recover.max_seconds is None
+    assert "recover" in handlers.job_stages(forms.Form(recover_steps=10))
+    assert "recover" not in handlers.job_stages(forms.Form())
+
+
 @pytest.mark.parametrize("changes, expected", [
     (dict(target_value="1.5"), "must be between 0 and 1"),
     (dict(target_value="30"), "Did you mean 30%?"),
@@ -155,6 +165,8 @@ def test_form_to_recipe():
     (dict(score="mawr"), "Did you mean 'maw'"),
     (dict(score="activation", calib_source="upload", calib_file=None), "Upload a .txt or .jsonl"),
     (dict(score="activation", calib_source="dataset", calib_dataset=" "), "Give a dataset name"),
+    (dict(recover_steps=-5), "cannot be negative"),
+    (dict(recover_steps=5, recover_minutes=-1), "cannot be negative"),
 ])
 def test_bad_form_values_give_clear_messages(changes, expected):
     with pytest.raises(SpaceError, match=None) as info:
@@ -284,6 +296,20 @@ def test_speed_is_off_unless_asked_and_a_damaged_model_is_flagged(settings, stor
     assert res.evidence.damage(ratio * 2) is None
     assert yaml.safe_load(res.recipe_yaml)["result"]["base_model"] == "reference model"
     assert yaml.safe_load(res.recipe_yaml)["model"] is None  # the recipe's name for the reference model
+
+
+def test_recovery_training_runs_as_its_own_stage_and_wins_perplexity_back(settings, store):
+    reference = dataclasses.replace(settings, default_model=REFERENCE_MODEL, default_model_label="reference model")
+    kind, res, events = run(forms.Form(target_value="70%", prompt="", recover_steps=12), reference, store)
+    assert kind == "done", res
+    board = [e[1] for e in events if e[0] == "stage"][-1]
+    # "done", not "skipped": the stage was active (a stage never reported is skipped when the next one starts)
+    assert [(s.key, s.state) for s in board.stages][4:6] == [("prune", "done"), ("recover", "done")]
+    record = yaml.safe_load(res.recipe_yaml)
+    assert record["recover"]["steps"] == 12
+    rec = record["result"]["recovery"]
+    assert rec["steps"] == 12 and rec["heldout_perplexity"][1] < rec["heldout_perplexity"][0]
+    assert "Recovery training" in (res.folder / "README.md").read_text()
 
 
 def test_no_op_targets_are_refused_before_any_work(settings, store):
@@ -492,6 +518,10 @@ def test_gpu_support_is_a_no_op_off_zerogpu_and_asks_for_time_by_model_size(monk
     assert gpu.job_seconds(135_000_000, False, False, 300) < gpu.job_seconds(8_000_000_000, False, False, 300)
     assert gpu.job_seconds(1_000_000_000, True, True, 300) > gpu.job_seconds(1_000_000_000, False, False, 300)
     assert gpu.job_seconds(70_000_000_000, True, True, 300) == 300  # capped at what ZeroGPU grants
+    # recovery steps cost GPU time with the model's size, at most its time limit
+    plain = gpu.job_seconds(1_000_000_000, False, False, 3000)
+    assert gpu.job_seconds(1_000_000_000, False, False, 3000, recover_steps=500) > plain
+    assert gpu.job_seconds(1_000_000_000, False, False, 3000, recover_steps=5000, recover_seconds=60) == plain + 60
     # on ZeroGPU, the `spaces` package decorates the GPU part with a duration computed from the call's arguments
     calls = []
 

@@ -49,6 +49,7 @@ class PruneContext:
     progress: Progress
     store_device: str | None = None  # where hidden states wait between blocks (None: the compute device)
     _calibration: torch.Tensor | None = field(default=None, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)  # statistics a score computes once per run
 
     def calibration_ids(self) -> torch.Tensor:
         if self._calibration is None:
@@ -118,6 +119,12 @@ class Method:
     def needs_data(self, recipe: Recipe) -> bool:
         score = self.score(recipe)
         return bool(score and score.needs_data)
+
+    def streams(self, recipe: Recipe) -> bool:
+        """Whether this recipe can prune a streamed model block by block (else `run_recipe` loads it whole). Scores
+        with `stats` read gradients or probes of the whole model (Taylor and the tutorial's scores)."""
+        score = self.score(recipe)
+        return score is None or getattr(score, "stats", None) is None
 
     def run(self, ctx: PruneContext) -> dict:
         """Prune `ctx.model` in place; returns a method-specific report (JSON-able) for the recipe output."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidTargetError
+from ..errors import InvalidTargetError, RecipeError
 from ..feasibility import check_rounding
 from ..layer_config import layer_shapes
 from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers, layer_at, units_disabled
@@ -26,6 +26,7 @@ from ..scores import DEPTH_SCORES
 from ..scores.depth import RENAMED, Sampling
 from ..scores.shapley import EXACT_MAX_UNITS
 from ..stats import BranchOutputs, collect, linear
+from .. import recover_depth
 from ..surgery import LayerPlan, enable_bias, prune_layer, remove_layers
 from ..options import option
 from ..utility import UTILITIES, make_utility
@@ -34,7 +35,7 @@ from . import Method, PruneContext, register_method
 logger = logging.getLogger(__name__)
 
 UNITS = ("block", "attention", "mlp")
-RECOVERY = ("none", "mean_update")
+RECOVERY = ("none", "mean_update", "learned_bias", "lowrank")  # the learned ones: core/recover_depth.py
 SOURCES = ("unpruned", "pruned")
 
 
@@ -81,10 +82,14 @@ class Depth(Method):
         recovery_source: str = option("unpruned", choices=SOURCES, help="mean update measured on the unpruned or "
                                       "the progressively pruned model")
         recovery_skip_first: bool = False  # leave position 0 (attention sink) out of the mean
+        recovery_rank: int = 8  # lowrank: rank of the learned map B A x added to the constant
+        recovery_steps: int = 200  # learned_bias / lowrank: optimizer steps
 
         def __post_init__(self) -> None:
             if self.layers is not None:
                 object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            if self.recovery_rank < 1 or self.recovery_steps < 0:
+                raise RecipeError("Depth recovery needs recovery_rank >= 1 and recovery_steps >= 0.")
 
     def score_name(self, recipe) -> str | None:
         name = super().score_name(recipe)
@@ -92,6 +97,10 @@ class Depth(Method):
             _renamed(name)
             return RENAMED[name]
         return name
+
+    def streams(self, recipe) -> bool:
+        # learned_bias trains constants end to end through the whole model
+        return super().streams(recipe) and self.options(recipe).recovery != "learned_bias"
 
     def needs_data(self, recipe) -> bool:
         opts = self.options(recipe)
@@ -167,8 +176,12 @@ class Depth(Method):
 
     def unit_scores(self, ctx: PruneContext, opts, candidates: list[int], disabled: list[int],
                     utility=None) -> tuple[dict[int, float], dict | None]:
-        if self.score(ctx.recipe).kind == "subnetwork":
+        score = self.score(ctx.recipe)
+        if score.kind == "subnetwork":
             return self.subnetwork_scores(ctx, opts, candidates, disabled, utility)
+        if score.kind == "gradient":  # stats from a backward pass (core/scores/gradient_stats.py)
+            stats = score.stats(ctx, opts, candidates, disabled)
+            return {i: float(score.fn(stats[i])) for i in candidates}, None
         return self.per_token_scores(ctx, opts, candidates, disabled), None
 
     # -- selection --------------------------------------------------------------------------------------------
@@ -253,18 +266,20 @@ class Depth(Method):
             ctx.progress.update("depth: mean updates", i + 1, n)
         return means
 
-    def replace(self, ctx: PruneContext, opts, layer_idx: int, constant: torch.Tensor | None) -> None:
-        """Remove a unit in place, leaving `constant` (if any) as its output."""
+    def replace(self, ctx: PruneContext, opts, layer_idx: int, constant: torch.Tensor | None,
+                adapter: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Remove a unit in place, leaving `constant` (if any, plus a low-rank `adapter`) as its output."""
         skip = {SKIP_ATTENTION, SKIP_MLP} if opts.unit == "block" else {opts.unit}
         bias_branch = SKIP_MLP if opts.unit == "block" else opts.unit
         bias = {bias_branch: constant} if constant is not None else {}
-        prune_layer(ctx.model, ctx.spec, layer_idx, LayerPlan(skip=skip, skip_bias=bias))
+        adapters = {bias_branch: adapter} if adapter is not None else {}
+        prune_layer(ctx.model, ctx.spec, layer_idx, LayerPlan(skip=skip, skip_bias=bias, skip_adapter=adapters))
 
     def finalize_blocks(self, ctx: PruneContext, opts, blocks: list[int], means: dict[int, torch.Tensor]) -> dict:
         """Delete removed blocks; fold each block's mean update (if any) into the preceding kept block's MLP output
         bias when the family allows it, else keep the block as an empty layer carrying the constant."""
         model, spec = ctx.model, ctx.spec
-        foldable = "mlp" in spec.bias_flags and "mlp_out" not in spec.norms
+        foldable = "mlp" in spec.bias_flags and "mlp_out" not in spec.norms and opts.recovery != "lowrank"
         kept_as_constant, folded = [], []
         removed_set = set(blocks)
         for i in blocks:
@@ -284,14 +299,29 @@ class Depth(Method):
         remove_layers(model, spec, [i for i in blocks if i not in kept_as_constant])
         return {"folded_into_previous_mlp_bias": folded, "kept_as_constant_layer": kept_as_constant}
 
+    def learn(self, ctx: PruneContext, opts, chosen: list[int], storage: dict, reference, fits: dict) -> dict:
+        """The learned recoveries' report (and, for learned_bias, the end-to-end training of the constants)."""
+        if opts.recovery == "lowrank":
+            return {"method": "lowrank", "rank": opts.recovery_rank, "steps": opts.recovery_steps, "fits": fits}
+        if opts.recovery != "learned_bias":
+            return {}
+        folded = recover_depth.folded_targets(chosen, storage.get("folded_into_previous_mlp_bias", []),
+                                              storage.get("kept_as_constant_layer", []))
+        params = recover_depth.trainable_constants(ctx.model, ctx.spec, folded)
+        return {"method": "learned_bias", "steps": opts.recovery_steps, **recover_depth.learn_constants(
+            ctx.model, params, ctx.calibration_ids(), reference, ctx.recipe.batch_size, opts.recovery_steps,
+            seed=ctx.recipe.seed)}
+
     def run(self, ctx: PruneContext) -> dict:
         opts = self.options(ctx.recipe)
         model = ctx.model
         n = model.config.num_hidden_layers
         candidates = self.candidates(ctx, opts.unit)
-        recover = opts.recovery == "mean_update"
+        recover = opts.recovery != "none"
         means: dict[int, torch.Tensor] = {}
-        if recover and opts.recovery_source == "unpruned":
+        reference = recover_depth.final_states(model, ctx.calibration_ids(), ctx.recipe.batch_size) if (
+            opts.recovery == "learned_bias") else None
+        if recover and opts.recovery_source == "unpruned" and opts.recovery != "lowrank":
             means = self.mean_updates(ctx, opts, candidates, progressive=False)
         history: list[dict] = []
         estimates: list[dict] = []
@@ -300,12 +330,15 @@ class Depth(Method):
             if bad:
                 raise InvalidTargetError(f"Layers {bad} do not exist; the model has layers 0..{n - 1}.")
             chosen = sorted(set(opts.layers))
-            if recover and opts.recovery_source == "unpruned":
+            if recover and opts.recovery_source == "unpruned" and opts.recovery != "lowrank":
                 missing = [i for i in chosen if i not in means]
                 means.update(self.mean_updates(ctx, opts, missing, progressive=False) if missing else {})
         else:
             chosen, history, estimates = self.select(ctx, opts, candidates)
-        if recover and opts.recovery_source == "pruned":
+        fits = {}
+        if opts.recovery == "lowrank":
+            means, fits = recover_depth.lowrank_pass(ctx, opts, chosen, self.replace)
+        elif recover and opts.recovery_source == "pruned":
             means = self.mean_updates(ctx, opts, chosen, progressive=True)
         elif opts.unit != "block":
             for i in chosen:
@@ -318,6 +351,7 @@ class Depth(Method):
         if recover:
             report["recovery"] = {"source": opts.recovery_source, "skip_first": opts.recovery_skip_first,
                                   "norms": {str(i): means[i].float().norm().item() for i in chosen}, **storage}
+            report["recovery"].update(self.learn(ctx, opts, chosen, storage, reference, fits))
         return report
 
 

@@ -111,8 +111,12 @@ class AttentionHeads(Method):
                 stats = HeadContributions(shape.num_attention_heads, dh)
                 collect(runner, i, {"o": (linear(layer, spec, "attention", "o"), stats)})
                 contribution = stats.norm()
-            scores = score.fn(attention_tensors(layer, spec, shape, dh, contribution, ctx.layer_seed(i))).cpu()
-            prune_layer(model, spec, i, plan_heads(scores, shape, mode, keep))  # no weights held past the block
+            tensors = attention_tensors(layer, spec, shape, dh, contribution, ctx.layer_seed(i))
+            if score.stats is not None:
+                tensors.extra = score.stats(ctx, i, runner)
+            scores = score.fn(tensors).cpu()
+            del tensors  # no weights held past the block
+            prune_layer(model, spec, i, plan_heads(scores, shape, mode, keep))
             if runner is not None:
                 runner.advance(i)
             ctx.progress.update("attention_heads", i + 1, n)

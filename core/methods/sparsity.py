@@ -101,6 +101,7 @@ class Sparsity(Method):
     name = "sparsity"
     scores = SPARSITY_SCORES
     default_score = "wanda"
+    cumulative_target = True  # prune -> recover rounds ask for the cumulative fraction (zeros score lowest: kept zero)
 
     @dataclass(frozen=True)
     class Options:

@@ -84,8 +84,12 @@ class MlpWidth(Method):
                 collect(runner, i, {"in": (linear(layer, spec, "mlp", in_role), norms),
                                     "down": (linear(layer, spec, "mlp", "down"), norms)})
                 input_norm, act_norm = norms.norm("in"), norms.norm("down")
-            scores = score.fn(mlp_tensors(layer, spec, shape, input_norm, act_norm, ctx.layer_seed(i)))
-            prune_layer(model, spec, i, LayerPlan(mlp=top_k(scores, kept)))  # no weights held past the block
+            tensors = mlp_tensors(layer, spec, shape, input_norm, act_norm, ctx.layer_seed(i))
+            if score.stats is not None:
+                tensors.extra = score.stats(ctx, i, runner)
+            scores = score.fn(tensors)
+            del tensors  # no weights held past the block
+            prune_layer(model, spec, i, LayerPlan(mlp=top_k(scores, kept)))
             if runner is not None:
                 runner.advance(i)
             ctx.progress.update("mlp_width", i + 1, n)

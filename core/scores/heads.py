@@ -5,7 +5,7 @@ calibration tokens of head i's contribution Z_i W_O^i^T to the attention output.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ class AttentionTensors:
     head_dim: int
     contribution_norm: torch.Tensor | None = None
     seed: int = 0
+    extra: dict = field(default_factory=dict)  # what a score's `stats` collected (e.g. gradients)
 
 
 def group_scores(head_scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ act_norm: [m] (L2 norm of the down_proj input, i.e. act(gate x) * up x). Every f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,7 @@ class MlpTensors:
     input_norm: torch.Tensor | None = None
     act_norm: torch.Tensor | None = None
     seed: int = 0
+    extra: dict = field(default_factory=dict)  # what a score's `stats` collected (e.g. gradients)
 
 
 @mlp_score("maw")
