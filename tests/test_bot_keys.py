@@ -6,11 +6,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sqlite3
+import types
 import typing
 
 import pytest
 
-from core import Recipe
+from core import Recipe, Stage, Target
 from hub_bot.recipes import recipe_entry, recipe_hash
 from hub_bot.store import JobStore, NewJob
 
@@ -35,8 +36,12 @@ def leaves(obj, prefix: str = "") -> list[tuple[str, typing.Any]]:
 
 def changed(value, annotation):
     """Another value of the field's type."""
-    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] if optional else [annotation]
     kind = typing.get_origin(kinds[0]) or kinds[0]
+    items = typing.get_args(kinds[0])
+    if kind is tuple and items and dataclasses.is_dataclass(items[0]):  # e.g. `then`: one more stage
+        return tuple(value or ()) + (Stage(method="sparsity", target=Target(ratio=0.5)),)
     if dataclasses.is_dataclass(kind) and value is None:  # an optional section: present instead of absent
         return kind()
     if kind is bool:

@@ -314,3 +314,18 @@ def test_a_reopened_result_keeps_its_work_folder_through_garbage_collection(tiny
     assert work.is_dir()
     out = core.save_pruned(result, tmp_path / "out")
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("case,streams", [
+    (dict(method="maw", target=Target(ratio=0.5)), True),
+    (dict(method="mlp_width", score="activation", target=Target(ratio=0.5)), True),
+    (dict(method="mlp_width", score="taylor", target=Target(ratio=0.5)), False),  # gradients of the whole model
+    (dict(method="depth", target=Target(ratio=0.25), options={"recovery": "mean_update"}), True),
+    (dict(method="depth", target=Target(ratio=0.25), options={"recovery": "learned_bias"}), False),
+])
+def test_recipes_that_need_the_whole_model_are_loaded_whole(tiny_dir, case, streams):
+    recipe = normalize(Recipe(calibration=CALIB, **case))
+    assert METHODS.get(recipe.method).streams(recipe) is streams
+    if not streams:
+        with pytest.raises(core.errors.RecipeError, match="cannot stream"):
+            core.run_recipe(recipe.replace(model=str(tiny_dir("llama"))), stream=True)
