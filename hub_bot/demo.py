@@ -155,7 +155,7 @@ def _load_and_measure(jobs: list) -> list[dict]:
         if job.state != "done":
             rows.append({"repo": job.target_repo, "error": job.error})
             continue
-        model = core.load_pruned(job.output_repo, device="cpu")  # by name, through the local Hub
+        model = core.load_pruned(job.output_repo, device="cpu", dtype="float32")  # by name, through the local Hub
         tokenizer = AutoTokenizer.from_pretrained(job.output_repo)
         row = {"repo": job.output_repo, "params": sum(p.numel() for p in model.parameters()),
                "perplexity": perplexity(model, tokenizer, text, max_tokens=2048).perplexity,

