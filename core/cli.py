@@ -445,18 +445,6 @@ def _timed(models: list, sizes: dict, progress) -> list[dict]:
     return [candidate, reference]
 
 
-def _not_timeable(models: list) -> str | None:
-    """Why speed cannot be measured (a streamed model that does not fit whole in memory), or None."""
-    from .memory import model_too_big
-    from .streaming import is_streamed
-
-    for model in models:
-        reason = model_too_big(model) if is_streamed(model) else None
-        if reason:
-            return f"speed needs the model on one device and {reason}"
-    return None
-
-
 def _sparse_kernels(results: list[dict], models: list, args: argparse.Namespace) -> None:
     """Each model's 2:4 linears on torch's semi-structured sparse kernels against the same weights on dense ones,
     interleaved (GPU only; on CPU a note that sparsity gives no speed-up there)."""
@@ -484,7 +472,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.speed:
             models.append(model)  # kept: two models are timed in interleaved rounds
         del model
-    why_not = _not_timeable(models) if args.speed else None
+    from .compare import not_timeable
+
+    why_not = not_timeable(*models) if args.speed else None
     if why_not:
         logger.warning("speed not measured: %s", why_not)
         for result in results:
@@ -495,10 +485,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _sparse_kernels(results, models, args)
     del models
     speeds = args.speed and not why_not
-    if why_not:
-        rows_note = [("speed", lambda r: "not measured (does not fit in memory)")]
-    else:
-        rows_note = []
     rows = [("parameters", lambda r: f"{r['parameters']:,}"), ("weights MB", lambda r: f"{r['weight_bytes'] / 1e6:.1f}")]
     if not args.no_ppl:
         rows += [("perplexity", lambda r: f"{r['perplexity']['perplexity']:.3f}"),
@@ -506,7 +492,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for task, metrics in (results[0].get("lm_eval") or {}).get("tasks", {}).items():
         rows += [(f"{task} {m}"[:24], lambda r, t=task, m=m: f"{r['lm_eval']['tasks'][t][m]:.4f}")
                  for m in metrics if "stderr" not in m]
-    rows += rows_note
+    if why_not:
+        rows += [("speed", lambda r: "not measured (does not fit in memory)")]
     if speeds:
         from .compare import timing_text
 

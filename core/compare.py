@@ -73,16 +73,19 @@ class Measurement:
         return asdict(self)
 
 
-def _not_timeable(model) -> str | None:
-    """Why a model cannot be timed (a streamed model that does not fit whole in memory), or None."""
-    reason = model_too_big(model) if is_streamed(model) else None
-    return f"it needs the model on one device and {reason}" if reason else None
+def not_timeable(*models) -> str | None:
+    """Why the models cannot be timed (a streamed one that does not fit whole in memory), or None."""
+    for model in models:
+        reason = model_too_big(model) if is_streamed(model) else None
+        if reason:
+            return f"speed needs the model on one device and {reason}"
+    return None
 
 
 def speed_of(model, s: EvalSettings, progress: ProgressCallback | None = None) -> dict | None:
     """`measure_speed` with the settings' sizes (clamped to the model's context length). A streamed model is
     loaded whole for it when it fits; when it does not, None (and a warning saying why)."""
-    why_not = _not_timeable(model)
+    why_not = not_timeable(model)
     if why_not:
         logger.warning("speed not measured: %s", why_not)
         return None
@@ -97,7 +100,7 @@ def speed_pair(base_model, pruned_model, s: EvalSettings, rounds: int = 1,
     `core.speed.measure_pair`): a busy machine slows both alike, and `compare_timings` pairs the rounds.
     (None, None) with a warning when one of them is a streamed model that does not fit whole in memory."""
     models = (base_model, pruned_model)
-    why_not = next((w for w in map(_not_timeable, models) if w), None)
+    why_not = not_timeable(*models)
     if why_not:
         logger.warning("speed not measured: %s", why_not)
         return None, None
