@@ -65,6 +65,13 @@ def implied_target(options: dict) -> dict | None:
     return {"ratio": pattern.ratio} if pattern.structured else None
 
 
+def recipe_structure(recipe) -> str:
+    """The layout a recipe's sparsity stages leave: the last stage's N:M (earlier zeros score lowest, so each group
+    keeps at most N non-zeros), or 'unstructured'."""
+    stages = [s for s in recipe.stages() if s.method == "sparsity"]
+    return str(parse_pattern(stages[-1].options.get("pattern", "unstructured"))) if stages else "unstructured"
+
+
 def linear_groups(layer: nn.Module, spec, shape, which: str) -> list[tuple[str, dict[str, nn.Module]]]:
     """The block's Linear modules in calibration order, grouped by shared input: (branch, {path: module})."""
     groups = []

@@ -128,7 +128,9 @@ class HessianFactor:
 
 def hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> HessianFactor:
     """Factor X^T X for SparseGPT: dead inputs (H_jj = 0) get H_jj = 1, lambda = damp * mean(diag H), one Cholesky
-    (retried with 10x the dampening while H is not positive definite)."""
+    (retried with 10x the dampening while H is not positive definite). Only the upper triangle of `gram` is read
+    (the Cholesky factorisation reads the lower triangle of its reversed copy), so `core.stats.InputGram`
+    accumulates only that."""
     flipped = torch.flip(gram.detach().float(), (0, 1))  # a copy: P H P
     diag = flipped.diagonal()
     dead = diag == 0
@@ -143,14 +145,21 @@ def hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> HessianFactor:
     raise torch.linalg.LinAlgError("the calibration Hessian is not positive definite even with 1e5x dampening")
 
 
-def _group_keep(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Keep the n highest of each column of scores [m, out] (ties: the lower index), as `nm_mask` does, by counting
-    for each entry the entries ranked above it (m small: faster than sorting one small group at a time)."""
-    rank = torch.zeros_like(scores, dtype=torch.int8)
-    for j in range(scores.shape[0]):
-        rank += scores[j] > scores
-        rank[j + 1:] += scores[j] == scores[j + 1:]
-    return rank < n
+def _group_pruned(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Prune all but the n highest of each column of scores [m, out] (ties: the lower index is kept), as `nm_mask`
+    does, by counting for each entry the entries ranked above it, pair by pair (m small: faster than sorting one
+    small group at a time). bool [m, out], True = prune."""
+    m = scores.shape[0]
+    if m > 255:
+        return ~nm_mask(scores.T, n, m).T
+    rank = torch.zeros(scores.shape, dtype=torch.uint8, device=scores.device)
+    rows, ranks = scores.unbind(0), rank.unbind(0)
+    for i in range(m):
+        for j in range(i + 1, m):
+            above = torch.lt(rows[i], rows[j])  # j ranks above i; on a tie i (the lower index) does
+            ranks[i].add_(above.view(torch.uint8))
+            ranks[j].add_(above.logical_not_().view(torch.uint8))
+    return rank >= n
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -169,34 +178,36 @@ def _block_quota(i1: int, i2: int, rows: int, ratio: float) -> int:
 
 
 def _prune_block(w1t: torch.Tensor, u11: torch.Tensor, pattern: Pattern, quotas: list[tuple[int, int, int]],
-                 sub: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                 sub: int = 32) -> torch.Tensor:
     """SparseGPT inside one column block, in place. w1t: the block's weights transposed, [block, out] (a column is a
     contiguous row); u11: the block's [block, block] part of U. Unstructured: in each (first, last, k) output-row
     range of `quotas` (one per weight), the k weights of the block with the lowest w^2 / U_jj^2 are pruned (chosen
     once); N:M: each group of m columns is masked when the loop reaches it, from the weights as updated so far.
     Each column's error e = w * pruned / U_jj is spread over the later columns (rank-1 updates inside sub-blocks of
-    `sub` columns, one matmul per sub-block for the rest of the block). Returns (pruned [block, out] bool, e)."""
+    `sub` columns, one matmul per sub-block for the rest of the block), and the pruned weights are set to zero.
+    Returns the errors e, [block, out]."""
     b = w1t.shape[0]
     d = u11.diagonal()
-    err = torch.zeros_like(w1t)
-    prune = torch.zeros_like(w1t, dtype=torch.bool)
+    err = torch.empty_like(w1t)
+    pruned = torch.zeros_like(w1t)  # 1.0 where pruned
     for r1, r2, k in quotas:
         if k:  # ties ordered as in the [out, block] matrix
             flat = _lowest((w1t[:, r1:r2].pow(2) / d.pow(2)[:, None]).T.flatten(), k)
-            prune[:, r1:r2] = flat.view(r2 - r1, b).T
+            pruned[:, r1:r2] = flat.view(r2 - r1, b).T
     m = pattern.m
     step = m * max(1, sub // m) if pattern.structured else sub
-    w_rows, e_rows, p_rows, inv = w1t.unbind(0), err.unbind(0), prune.unbind(0), d.tolist()
+    w_rows, e_rows, p_rows, diag = w1t.unbind(0), err.unbind(0), pruned.unbind(0), d.tolist()
     for s1 in range(0, b, step):
         s2 = min(s1 + step, b)
         for j in range(s1, s2):
             if pattern.structured and j % m == 0:
-                prune[j:j + m] = ~_group_keep(w1t[j:j + m].pow(2) / d[j:j + m, None].pow(2), pattern.n)
-            e = torch.mul(w_rows[j], p_rows[j], out=e_rows[j]).div_(inv[j])
+                pruned[j:j + m] = _group_pruned(w1t[j:j + m].pow(2) / d[j:j + m, None].pow(2), pattern.n)
+            e = torch.div(w_rows[j], diag[j], out=e_rows[j]).mul_(p_rows[j])
             w1t[j:s2].addr_(u11[j, j:s2], e, alpha=-1)  # pruned weights go to (about) zero, kept ones absorb it
         if s2 < b:
             w1t[s2:].addmm_(u11[s1:s2, s2:].T, err[s1:s2], alpha=-1)
-    return prune, err
+    w1t.mul_(pruned.neg_().add_(1))
+    return err
 
 
 @torch.no_grad()
@@ -204,7 +215,8 @@ def sparsegpt(weight: torch.Tensor, gram: torch.Tensor | None, pattern: Pattern,
               damp: float = 0.01, factor: HessianFactor | None = None) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh 2023): prune W with an OBS update of the kept weights.
 
-    weight: [out, in]; gram: [in, in] = X^T X (the scale does not matter), or its `hessian_factor` given as `factor`.
+    weight: [out, in]; gram: [in, in] = X^T X (the scale does not matter; only its upper triangle is read), or its
+    `hessian_factor` given as `factor`.
     Columns are processed left to right in blocks of `block_size`: inside a block the mask keeps the weights with
     the largest w^2 / [H^-1]_jj^2 (per N:M group, or `ratio` of the block), each pruned weight's error
     w / [H^-1]_jj is spread over the block's later columns (`_prune_block`), and the errors E of all earlier
@@ -224,30 +236,33 @@ def sparsegpt_shared(weights: list[torch.Tensor], factor: HessianFactor, pattern
                      block_size: int = 128) -> list[torch.Tensor]:
     """`sparsegpt` of several weights that read the same input (q/k/v, gate/up: one Hessian), in one pass over the
     columns: the result of each equals `sparsegpt` of it alone (rows are independent; the unstructured quota is
-    counted per weight). The work runs on one transposed copy [in, sum of out] (a column is a contiguous row)."""
+    counted per weight). One float32 copy of the stacked weights is updated in place; each column block is worked
+    on transposed (a column is a contiguous row)."""
     sizes = [w.shape[0] for w in weights]
-    wt = torch.cat([w.detach().float() for w in weights]).T.contiguous()
-    cols = wt.shape[0]
-    wt[factor.dead.to(wt.device)] = 0
-    zt = torch.empty_like(wt)  # Z^T, filled block by block
-    eye = torch.eye(block_size, dtype=wt.dtype, device=wt.device)
+    w = torch.cat([w.detach().float() for w in weights])  # [sum of out, in]: a new tensor, the result
+    rows, cols = w.shape
+    if factor.dead.any():
+        w[:, factor.dead.to(w.device)] = 0
+    z = torch.empty_like(w)  # Z = E R^-1, filled block by block
+    eye = torch.eye(block_size, dtype=w.dtype, device=w.device)
     edges = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         block = slice(i1, i2)
         u11 = torch.linalg.solve_triangular(factor.r(block, block), eye[:i2 - i1, :i2 - i1], upper=True)
-        w1t = wt[block]
-        tt = None
+        w1t = w[:, block].contiguous().T.contiguous()  # in two steps: several times faster than one strided copy
+        t = None
         if i1:
-            tt = factor.r(slice(0, i1), block).T @ zt[:i1]  # T^T
-            w1t.addmm_(u11.T, tt)
+            t = z[:, :i1] @ factor.r(slice(0, i1), block)
+            w1t.addmm_(u11.T, t.T)
         quotas = [] if pattern.structured else \
             [(r1, r2, _block_quota(i1, i2, r2 - r1, ratio)) for r1, r2 in zip(edges, edges[1:])]
-        prune, err = _prune_block(w1t, u11, pattern, quotas)
-        w1t.masked_fill_(prune, 0)
-        torch.mm(u11.T, err if tt is None else err.sub_(tt), out=zt[block])
-    del zt
-    return [part.T.contiguous() for part in wt.split(sizes, dim=1)]
+        err = _prune_block(w1t, u11, pattern, quotas)
+        w[:, block] = w1t.T.contiguous()
+        zb = torch.mm(err.T, u11)
+        z[:, block] = zb if t is None else zb.addmm_(t, u11, alpha=-1)
+    del z
+    return list(w.split(sizes))
 
 
 sparsity_score("sparsegpt", needs_data=True, kind="reconstruction")(sparsegpt)
