@@ -39,6 +39,9 @@ class MlpTensors:
     down = property(lambda self: self._as_float("down"))
 
 
+STORED_DTYPE_SCORES = ("maw", "maw_range")  # scores that read no float32 copy (for core.memory's estimate)
+
+
 def _row_extremes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and min of each row, in float32. Taken in the stored dtype: a maximum is one of the values, so it is
     exact in any dtype and equals the float32 computation bit for bit, without a float32 copy of the matrix."""
