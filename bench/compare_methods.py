@@ -312,7 +312,7 @@ def merge(parts: list[dict]) -> dict:
         for key in ("model", "calibration"):
             if part[key] != first[key]:
                 raise SystemExit(f"cannot merge: '{key}' differs ({part[key]!r} vs {first[key]!r})")
-        if not set(part["ratios"]) <= set(first["ratios"]):
+        if not set(part["ratios"]) <= set(first["ratios"]) | {r for c in CASES for r in c.extra_ratios}:
             raise SystemExit(f"cannot merge: ratios {part['ratios']} are not among the first run's {first['ratios']}")
         # thread counts change float sums in the last digits; anything larger means a different model or evaluation
         if abs(part["dense"]["perplexity"] / first["dense"]["perplexity"] - 1) > 1e-5:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from compare_methods import EVAL_TEXT, PeakRss, machine  # noqa: E402
 from core.calibration import CalibrationConfig  # noqa: E402
 from core.evaluate import perplexity_of_file  # noqa: E402
 from core.recover import recover  # noqa: E402
+from core.layers import decoder_layers  # noqa: E402
 from core.recover_config import RecoverConfig  # noqa: E402
 
 logger = logging.getLogger("bench.recover")
@@ -92,7 +94,20 @@ def case_slimllm(args) -> dict:
     cpu = time.process_time() - cpu
     recovered = ppl(model, tokenizer, args.eval_tokens)
     logger.info("recovered %.3f after %d steps (%.0f s)", recovered, rec["steps"], rec["seconds"])
-    return {"method": args.method, "param_ratio": args.ratio, "target": args.target, "options": args.options,
+    masks = {}
+    if args.method == "sparsity":  # the zeros the recovery had to keep: measured before and after it
+        from core.sparse_format import is_nm, measure_sparsity
+
+        pattern = (yaml.safe_load(args.options or "{}") or {}).get("pattern")
+        n, m = (int(x) for x in str(pattern).split(":")) if pattern else (None, None)
+        linears = [mod.weight for layer in decoder_layers(model, result.spec) for mod in layer.modules()
+                   if isinstance(mod, torch.nn.Linear)]
+        masks = {"sparsity_one_shot": result.extra.get("sparsity", {}).get("sparsity"),
+                 "sparsity_recovered": measure_sparsity(model, result.spec)["sparsity"],
+                 "pattern": pattern, "pattern_holds": all(is_nm(w, n, m) for w in linears) if n else None}
+        logger.info("masks after recovery: %s", masks)
+    return {"method": args.method, "score": args.score, "param_ratio": args.ratio, "target": args.target,
+            "options": args.options, "masks": masks,
             "params": [result.params_before["total"],
                                                                          result.params_after["total"]],
             "dense": dense, "one_shot": one_shot, "recovered": recovered,
@@ -176,13 +191,17 @@ def markdown(doc: dict) -> str:
     for key in sorted(k for k in doc if k.startswith("slimllm")):
         s = doc[key]
         r = s["recovery"]
-        name = "SlimLLM" if s["method"] == "slimllm" else f"{s['method']} {s.get('options') or ''}".strip()
+        name = "SlimLLM" if s["method"] == "slimllm" else " ".join(
+            x for x in (s["method"], s.get("score"), s.get("options")) if x)
         share = "of parameters" if s.get("target", "param_ratio") == "param_ratio" else "of the prunable weights"
         lines += [f"## {name} at {s['param_ratio']:.0%} {share} + distillation ({r['trainable']})", "",
                   f"`{s['command']}`", "",
                   f"- {s['params'][0]:,} -> {s['params'][1]:,} parameters; recovery: {r['objective']}, "
                   f"{r['trainable']}, {r['steps']:,} steps ({r['stopped']}), {r['tokens']:,} tokens, lr {r['lr']:g}, "
                   f"data {r['data']}",
+                  *([f"- sparsity of the decoder linears: {s['masks']['sparsity_one_shot']} after pruning, "
+                     f"{s['masks']['sparsity_recovered']} after recovery; {s['masks']['pattern']} pattern holds in "
+                     f"every linear after recovery: {s['masks']['pattern_holds']}"] if s.get("masks") else []),
                   f"- recovery time on the shared machine {r['seconds']:.0f} s wall ({r['tokens_per_second']} "
                   f"tokens/s, load average {s['load_average_at_start'][0]:.1f} at the start); CPU time of the "
                   f"process {s['recovery_cpu_seconds']:.0f} s on {s['threads']} thread(s), i.e. about the wall time "
@@ -266,7 +285,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    command = "python bench/recover_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python bench/recover_bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.case == "throughput":
         save("recover_1b_cpu", "throughput", dict(case_throughput(args), command=command), markdown_1b)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import re
@@ -420,17 +419,14 @@ def _evaluate(name: str | None, args: argparse.Namespace):
 
 def _speed(models: list, args: argparse.Namespace) -> list[dict]:
     """Speed of one model, or of two in interleaved rounds (with a progress bar)."""
+    from .compare import in_memory
     from .progress import Progress
-    from .streaming import is_streamed, whole
 
     sizes = dict(prompt_len=args.prompt_tokens, new_tokens=args.new_tokens, batch_sizes=tuple(args.batch_sizes),
                  repeats=args.repeats, warmup=args.warmup)
     progress = Progress(bars=_bars(args), unit="round")
     try:
-        with contextlib.ExitStack() as stack:
-            for model in models:  # a streamed model that fits is loaded whole for timing
-                if is_streamed(model):
-                    stack.enter_context(whole(model))
+        with in_memory(*models):  # a streamed model that fits is loaded whole for timing
             return _timed(models, sizes, progress)
     finally:
         progress.close()
@@ -448,15 +444,15 @@ def _timed(models: list, sizes: dict, progress) -> list[dict]:
 def _sparse_kernels(results: list[dict], models: list, args: argparse.Namespace) -> None:
     """Each model's 2:4 linears on torch's semi-structured sparse kernels against the same weights on dense ones,
     interleaved (GPU only; on CPU a note that sparsity gives no speed-up there)."""
+    from .compare import in_memory
     from .semi_structured import sparse_kernel_speed
     from .speed import measure_speed
-    from .streaming import is_streamed, whole
 
     def measure(m):
         return measure_speed(m, args.prompt_tokens, args.new_tokens, repeats=args.repeats, warmup=args.warmup)
 
     for result, model in zip(results, models):
-        with whole(model) if is_streamed(model) else contextlib.nullcontext():
+        with in_memory(model):
             result["sparse_kernels"] = sparse_kernel_speed(model, measure)
 
 

@@ -82,6 +82,17 @@ def not_timeable(*models) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def in_memory(*models):
+    """Load each streamed model whole for the duration (speed and lm-eval need the weights on one device; check
+    `not_timeable` first); models already in memory are left as they are."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if is_streamed(model):
+                stack.enter_context(whole(model))
+        yield
+
+
 def speed_of(model, s: EvalSettings, progress: ProgressCallback | None = None) -> dict | None:
     """`measure_speed` with the settings' sizes (clamped to the model's context length). A streamed model is
     loaded whole for it when it fits; when it does not, None (and a warning saying why)."""
@@ -89,7 +100,7 @@ def speed_of(model, s: EvalSettings, progress: ProgressCallback | None = None) -
     if why_not:
         logger.warning("speed not measured: %s", why_not)
         return None
-    with whole(model) if is_streamed(model) else contextlib.nullcontext():
+    with in_memory(model):
         return measure_speed(model, prompt_len=s.prompt_tokens, new_tokens=s.new_tokens, batch_sizes=s.batch_sizes,
                              repeats=s.repeats, warmup=s.warmup, progress=progress)
 
@@ -104,10 +115,7 @@ def speed_pair(base_model, pruned_model, s: EvalSettings, rounds: int = 1,
     if why_not:
         logger.warning("speed not measured: %s", why_not)
         return None, None
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            if is_streamed(model):
-                stack.enter_context(whole(model))
+    with in_memory(*models):
         return measure_pair(base_model, pruned_model, prompt_len=s.prompt_tokens, new_tokens=s.new_tokens,
                             batch_sizes=s.batch_sizes, repeats=s.repeats * max(rounds, 1), warmup=s.warmup,
                             progress=progress)
@@ -136,7 +144,7 @@ def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
             logger.warning("lm-eval not run: it needs the model in memory and %s", reason)
             return m
         step("lm-eval")
-        with whole(model) if is_streamed(model) else contextlib.nullcontext():
+        with in_memory(model):
             m.lm_eval = run_tasks(model, tokenizer, list(settings.tasks), list(settings.task_dirs),
                                   settings.task_limit)["tasks"]
     return m

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +30,7 @@ from .recover_config import RecoverConfig
 from .recover_data import load_split
 from .recover_loss import proportional_origin
 from .recover_memory import check_fits, estimate
-from .recover_schedule import Schedule
+from .recover_schedule import Schedule, fractions
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,13 @@ def _round_summary(reports: list[dict]) -> dict:
     }
 
 
+def _round_config(cfg: RecoverConfig, steps: int) -> RecoverConfig:
+    """One round's share of the recovery: its steps, and the warm-up scaled to them (a full warm-up in every short
+    round would spend most of the round's steps below the peak learning rate)."""
+    warmup = min(cfg.warmup, math.ceil(cfg.warmup * steps / cfg.steps)) if cfg.steps else cfg.warmup
+    return dataclasses.replace(cfg, steps=steps, warmup=warmup)
+
+
 def prune_and_recover(model: nn.Module, tokenizer, recipe: Recipe, progress: ProgressCallback | None = None,
                       bars: bool = False, base_model: str | None = None, *, teacher: nn.Module | None = None,
                       on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
@@ -108,9 +116,10 @@ def prune_and_recover(model: nn.Module, tokenizer, recipe: Recipe, progress: Pro
     pruned: list[PruneResult] = []
     rounds: list[dict] = []
     reports: list[dict] = []
+    reached = 0.0  # cumulative schedule fraction of the last round that pruned
     for t in range(cfg.rounds):
         tag = f" (round {t + 1}/{cfg.rounds})" if cfg.rounds > 1 else ""
-        round_recipe = schedule.round_recipe(t, count_parameters(model, spec)["total"])
+        round_recipe = schedule.round_recipe(t, count_parameters(model, spec)["total"], reached)
         entry: dict = {"round": t + 1, "target": None}
         result = None
         if round_recipe is not None:
@@ -127,11 +136,12 @@ def prune_and_recover(model: nn.Module, tokenizer, recipe: Recipe, progress: Pro
         if result is not None:
             origin = surviving_layers(origin, result.report, n_before, model.config.num_hidden_layers)
             pruned.append(result)
+            reached = fractions(cfg.rounds, cfg.schedule)[t]
             entry.update(target={k: v for k, v in dataclasses.asdict(round_recipe.target).items() if v is not None},
                          params_after=result.params_after["total"], method_report=result.report)
         if budget[t]:
             folder = Path(checkpoint_dir) / f"round-{t + 1}" if checkpoint_dir and cfg.rounds > 1 else checkpoint_dir
-            model, report = Recovery(model, teacher, tokenizer, dataclasses.replace(cfg, steps=budget[t]),
+            model, report = Recovery(model, teacher, tokenizer, _round_config(cfg, budget[t]),
                                      origin=origin, split=split, progress=progress, bars=bars, stage=f"recover{tag}",
                                      on_event=on_event, should_stop=should_stop, checkpoint_dir=folder,
                                      resume=resume).run()

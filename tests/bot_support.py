@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx2
+import pytest
 import torch
 from huggingface_hub import HfApi
 
@@ -24,6 +25,22 @@ from hub_bot.service import Bot
 ROOT = Path(__file__).resolve().parent.parent
 CHEAP = {"method": "maw", "target": {"ratio": 0.5}}  # the fastest recipe: no calibration data
 FAST_EVAL = {"max_tokens": 200, "max_length": 64, "speed": {"prompt_tokens": 8, "new_tokens": 4, "repeats": 1}}
+
+
+def client_fixture(token):
+    """A module-scoped fixture: a Hub client of the module's `hub` fixture with `token` (False: anonymous)."""
+    @pytest.fixture(scope="module")
+    def client(hub):
+        return HfApi(endpoint=hub.url, token=token)
+    return client
+
+
+def source_fixture(name: str, **kwargs):
+    """A module-scoped fixture: a tiny source model folder (`tiny_source` arguments)."""
+    @pytest.fixture(scope="module")
+    def source(tmp_path_factory):
+        return tiny_source(tmp_path_factory.mktemp(name), **kwargs)
+    return source
 
 
 def bot_config(tmp: Path, hub_url: str, watch: list, **changes) -> BotConfig:

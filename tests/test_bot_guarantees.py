@@ -23,8 +23,8 @@ import yaml  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
-from bot_support import (CHEAP, bot_config, commits, drain, jobs_of, json_log_file, online_on_one_thread,  # noqa: E402
-                         post_hook, push, tiny_source, webhook_payload)
+from bot_support import (CHEAP, bot_config, client_fixture, commits, drain, jobs_of, json_log_file,  # noqa: E402
+                         online_on_one_thread, post_hook, push, source_fixture, webhook_payload)
 from hub_bot.local_hub import start_local_hub  # noqa: E402
 from hub_bot.service import Bot  # noqa: E402
 
@@ -70,29 +70,13 @@ def hub(tmp_path_factory, log_records):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(hub):
-    return HfApi(endpoint=hub.url, token=ALICE)
+alice = client_fixture(ALICE)
+bot_api = client_fixture(BOT)
+anonymous = client_fixture(False)
+source_dir = source_fixture("src-v1")
 
 
-@pytest.fixture(scope="module")
-def bot_api(hub):
-    return HfApi(endpoint=hub.url, token=BOT)
-
-
-@pytest.fixture(scope="module")
-def anonymous(hub):
-    return HfApi(endpoint=hub.url, token=False)
-
-
-@pytest.fixture(scope="module")
-def source_dir(tmp_path_factory):
-    return tiny_source(tmp_path_factory.mktemp("src-v1"))
-
-
-@pytest.fixture(scope="module")
-def source_v2(tmp_path_factory):
-    return tiny_source(tmp_path_factory.mktemp("src-v2"), seed=1, title="Tiny source, new weights")
+source_v2 = source_fixture("src-v2", seed=1, title="Tiny source, new weights")
 
 
 def watch_entries() -> list:

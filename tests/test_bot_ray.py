@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,9 @@ import httpx2  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
-from bot_support import (CHEAP, ROOT, arrivals, bot_config, commits, drain, jobs_of, kill_first_attempt,  # noqa: E402
-                         online_on_one_thread, pause_at, push, subprocess_env, tiny_source, wait_until)
+from bot_support import (CHEAP, ROOT, arrivals, bot_config, client_fixture, commits, drain, jobs_of,  # noqa: E402
+                         kill_first_attempt, online_on_one_thread, pause_at, push, source_fixture, subprocess_env,
+                         wait_until)
 from hub_bot.local_hub import start_local_hub  # noqa: E402
 from hub_bot.service import Bot  # noqa: E402
 from hub_bot.store import RAY_OWNER  # noqa: E402
@@ -93,19 +93,9 @@ def hub(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(hub):
-    return HfApi(endpoint=hub.url, token=ALICE)
-
-
-@pytest.fixture(scope="module")
-def bot_api(hub):
-    return HfApi(endpoint=hub.url, token=BOT)
-
-
-@pytest.fixture(scope="module")
-def source_dir(tmp_path_factory):
-    return tiny_source(tmp_path_factory.mktemp("src"))
+alice = client_fixture(ALICE)
+bot_api = client_fixture(BOT)
+source_dir = source_fixture("src")
 
 
 def ray_bot(tmp: Path, hub_url: str, watch: list, hooks=None, **changes) -> Bot:

@@ -190,3 +190,18 @@ def test_parameter_target_removes_the_closest_number_of_blocks(tiny_dir, param_r
     assert before - result.params_after["total"] == k * block
     best = min(range(1, 4), key=lambda n: abs(n * block - wanted))
     assert k == best
+
+
+def test_subnetwork_plans_evaluate_the_networks_they_name():
+    from core.scores import depth
+
+    gen = torch.Generator().manual_seed(0)
+    plan = depth._loo_plan(drop_when_removed, "leave_one_out")(3, depth.Sampling(), gen)
+    assert plan.masks.tolist() == leave_one_out_masks(3).tolist()  # the full network, then each unit removed
+    estimate = plan.estimate(torch.tensor([-1.0, -3.0, -1.5, -1.0], dtype=torch.float64))
+    assert estimate.values.tolist() == [2.0, 0.5, 0.0] and estimate.stderr is None
+    assert estimate.info == {"estimator": "leave_one_out", "subnetworks": 4}
+    exact = depth._shapley(3, depth.Sampling(exact_max=12), gen)
+    assert exact.masks.shape == (8, 3)  # every subset of three units: exact enumeration
+    additive = exact.masks.double() @ torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    assert torch.allclose(exact.estimate(additive).values, torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))

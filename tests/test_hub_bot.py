@@ -27,8 +27,8 @@ from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import RepositoryNotFoundError  # noqa: E402
 
 import core  # noqa: E402
-from bot_support import (CHEAP, commits, drain, jobs_of, json_log_file, online_on_one_thread, push,  # noqa: E402
-                         subprocess_env, tiny_source, webhook_payload)
+from bot_support import (CHEAP, client_fixture, commits, drain, jobs_of, json_log_file,  # noqa: E402
+                         online_on_one_thread, push, source_fixture, subprocess_env, webhook_payload)
 from bot_support import bot_config as config  # noqa: E402
 from bot_support import post_hook as _post_hook  # noqa: E402
 from conftest import save_tiny, tiny_model  # noqa: E402
@@ -74,19 +74,9 @@ def hub(tmp_path_factory, log_file):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(hub):
-    return HfApi(endpoint=hub.url, token=ALICE)
-
-
-@pytest.fixture(scope="module")
-def reader(hub):
-    return HfApi(endpoint=hub.url, token=BOT_READ)
-
-
-@pytest.fixture(scope="module")
-def source_dir(tmp_path_factory):
-    return tiny_source(tmp_path_factory.mktemp("tiny-src"))
+alice = client_fixture(ALICE)
+reader = client_fixture(BOT_READ)
+source_dir = source_fixture("tiny-src")
 
 
 @pytest.fixture(scope="module")

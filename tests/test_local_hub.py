@@ -33,6 +33,7 @@ from huggingface_hub.errors import (  # noqa: E402
     RevisionNotFoundError,
 )
 
+from bot_support import client_fixture  # noqa: E402
 from conftest import hub_client_online  # noqa: E402
 from hub_bot.local_hub import start_local_hub  # noqa: E402
 
@@ -113,14 +114,8 @@ def hub(tmp_path_factory, receiver):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def alice(hub):
-    return HfApi(endpoint=hub.url, token=ALICE)
-
-
-@pytest.fixture(scope="module")
-def bob(hub):
-    return HfApi(endpoint=hub.url, token=BOB)
+alice = client_fixture(ALICE)
+bob = client_fixture(BOB)
 
 
 @pytest.fixture(scope="module")

@@ -175,3 +175,40 @@ def test_recipe_written_next_to_a_checkpoint_reruns(tmp_path):
 def test_conflicting_requests_fail_before_any_model_is_loaded(data, match):
     with pytest.raises(PruningError, match=match):
         normalize(Recipe.from_dict(data))
+
+
+def test_a_method_describes_itself_by_the_first_sentence_of_its_doc():
+    import sys
+    import types
+
+    from core.methods import Method
+
+    class Documented(Method):
+        """Removes planted units. A second sentence.
+
+        A second paragraph."""
+
+    module = types.ModuleType("planted_method", "Removes whole planted blocks, one at a time. More words.\n\nMore.")
+    sys.modules[module.__name__] = module
+    try:
+        Undocumented = type("Undocumented", (Method,), {"__module__": module.__name__})
+        assert Documented().describe() == "Removes planted units"
+        assert Undocumented().describe() == "Removes whole planted blocks, one at a time"  # not Method's own doc
+    finally:
+        del sys.modules[module.__name__]
+
+
+@pytest.mark.parametrize("method,score,options,streams", [
+    ("mlp_width", "maw", {}, True),                   # a weight score: block by block
+    ("mlp_width", "activation", {}, True),            # one block's inputs
+    ("slimllm", None, {}, True),                      # the default score (none named)
+    ("mlp_width", "taylor", {}, False),               # whole-model gradients
+    ("depth", "taylor", {}, False),
+    ("depth", "cosine", {"recovery": "learned_bias"}, False),  # trains constants through the whole model
+    ("depth", "cosine", {"recovery": "mean_update"}, True),
+])
+def test_which_recipes_stream(method, score, options, streams):
+    from core.methods import METHODS
+
+    recipe = Recipe(method=method, score=score, target=Target(ratio=0.25), options=options)
+    assert METHODS.get(method).streams(recipe) is streams

@@ -194,3 +194,35 @@ def test_former_names_still_work_with_a_deprecation_warning(five_blocks):
     recipe = core.Recipe(method="depth", score="shapley_mc", target=core.Target(ratio=0.2))
     with pytest.warns(DeprecationWarning, match="now called 'subnet_contrast'"):
         assert core.methods.METHODS.get("depth").score_name(recipe) == "subnet_contrast"
+
+
+def test_plans_describe_themselves_and_switch_at_their_limits():
+    exact = exact_plan(3)
+    assert exact.estimate(torch.zeros(8)).info == {"estimator": "exact", "subnetworks": 8}
+    assert exact_plan(16).masks.shape == (2 ** 16, 16)  # the largest exact enumeration allowed
+    with pytest.raises(ValueError, match="2\\^17"):
+        exact_plan(17)
+    gen = torch.Generator().manual_seed(0)
+    assert shapley_plan(3, 8, gen, exact_max=3).estimate(torch.zeros(8)).info["estimator"] == "exact"
+    assert shapley_plan(4, 8, gen, exact_max=3).estimate(torch.zeros(40)).info["estimator"] == "permutation_antithetic"
+
+
+def test_permutation_standard_error_is_the_spread_of_pair_means():
+    gen = torch.Generator().manual_seed(1)
+    one = permutation_plan(4, 1, gen)  # one ordering asked: one antithetic pair, no spread to measure
+    assert one.masks.shape == (2 * 5, 4)
+    single = one.estimate(torch.arange(10, dtype=torch.float64))
+    assert single.info["pairs"] == 1 and torch.isinf(single.stderr).all()
+    plan = permutation_plan(4, 4, torch.Generator().manual_seed(2))  # two pairs
+    utilities = torch.rand(plan.masks.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    est = plan.estimate(utilities)
+    v = utilities.reshape(4, 5)
+    marginal = torch.zeros(4, 4, dtype=torch.float64)
+    for p in range(4):  # the unit added at each step of ordering p is the one that turns on in the mask
+        for j in range(4):
+            unit = int((plan.masks[p * 5 + j + 1] & ~plan.masks[p * 5 + j]).nonzero())
+            marginal[p, unit] = v[p, j + 1] - v[p, j]
+    pair_means = marginal.reshape(2, 2, 4).mean(1)
+    assert torch.allclose(est.values, pair_means.mean(0))
+    spread = ((pair_means - pair_means.mean(0)) ** 2).sum(0) / (2 - 1)  # sample variance of the pair means
+    assert torch.allclose(est.stderr, spread.sqrt() / math.sqrt(2))

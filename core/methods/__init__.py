@@ -14,8 +14,8 @@ with no special case:
   invisible to the streaming store and would be lost. A changed block is written when the next one is loaded,
   and every later pass (a new `ctx.runner()`) reads it back as changed.
 - Do not change a block while units are swapped out of it (`units_disabled`): that is for scoring only.
-- For logits of the whole model use `ctx.logits(ids)` (`pipeline.model_logits`): it reads a streamed model once
-  per call instead of once per batch. `model(ids)` also works on a streamed model, one block at a time.
+- For logits of the whole model use `pipeline.model_logits` (as `core.utility` does): it reads a streamed model
+  once per call instead of once per batch. `model(ids)` also works on a streamed model, one block at a time.
 - Token ids go to `input_device(ctx.model)`, not to the embedding's device (a streamed embedding stays on disk).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..architectures import ArchSpec
 from ..calibration import check_source, load_calibration
 from ..errors import InvalidTargetError, RecipeError
 from ..options import build_options
-from ..pipeline import LayerwiseRunner, model_logits
+from ..pipeline import LayerwiseRunner
 from ..progress import Progress
 from ..recipe import Recipe
 from ..registry import Registry
@@ -59,11 +59,6 @@ class PruneContext:
     def runner(self) -> LayerwiseRunner:
         return LayerwiseRunner(self.model, self.spec, self.calibration_ids(), self.recipe.batch_size,
                                self.store_device)
-
-    def logits(self, ids: torch.Tensor | None = None):
-        """(batch ids, logits) of the whole model on `ids` (default: the calibration data), batch by batch."""
-        ids = self.calibration_ids() if ids is None else ids
-        return model_logits(self.model, self.spec, ids, self.recipe.batch_size, self.store_device)
 
     def layer_seed(self, layer_idx: int) -> int:
         return self.recipe.seed * 100_003 + layer_idx

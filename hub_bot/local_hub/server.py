@@ -126,6 +126,32 @@ def _content_type(path: str) -> str:
     return guessed + ("; charset=utf-8" if guessed.startswith("text/") or guessed == "application/json" else "")
 
 
+class InternalErrorMiddleware:
+    """An unexpected exception becomes a 500 JSON response inside the app. (Starlette's outermost error middleware
+    would send the same response and then re-raise; uvicorn then drops the connection, and a client that reuses it
+    for its next request gets 'Connection reset by peer', where the real Hub keeps serving.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = [False]
+
+        async def send_wrapper(message):
+            started[0] = started[0] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as err:
+            if started[0]:  # too late for an error response: let the server end the connection
+                raise
+            logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            await _error_response(HubError(500, f"Internal error: {type(err).__name__}"))(scope, receive, send)
+
+
 class AccessLogMiddleware:
     """Debug log of method, path (no query string, no headers: never tokens), status and duration."""
 
@@ -159,11 +185,7 @@ def create_app(hub: LocalHub) -> FastAPI:
     async def _hub_error(request: Request, err: HubError):
         return _error_response(err)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, err: Exception):
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error_response(HubError(500, f"Internal error: {type(err).__name__}"))
-
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(FaultMiddleware, injector=hub.faults)
     app.add_middleware(AccessLogMiddleware)
 
