@@ -103,6 +103,17 @@ def _needs_data(recipe) -> bool:
     return METHODS.get(recipe.method).needs_data(recipe)
 
 
+def _copies_nothing(recipe) -> bool:
+    """Whether the recipe's score reads the weights in their stored dtype (no float32 copies)."""
+    if recipe is None:
+        return False
+    from .prune import normalize
+    from .scores.mlp import STORED_DTYPE_SCORES
+
+    recipe = normalize(recipe)
+    return recipe.method == "mlp_width" and recipe.score in STORED_DTYPE_SCORES
+
+
 def _needs_logits(recipe) -> bool:
     if recipe is None or recipe.method != "depth":
         return False
@@ -143,7 +154,7 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
     tokens = n * t
     largest = max(d * m, heads * dh * d)  # the largest projection
     working = (2 * block * c + (block * s if c != s else 0)  # the block, its rebuilt copy, its copy to write
-               + 2 * largest * 4)  # float copies and temporaries of scores
+               + (0 if _copies_nothing(recipe) else 2 * largest * 4))  # float copies and temporaries of scores
     if data:  # one batch's activations and attention
         working += b * t * (3 * m + 6 * d) * c + b * heads * t * t * c
     if recipe is not None and recipe.method == "slimllm":

@@ -37,6 +37,14 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
+class _StopForward(Exception):
+    """Ends a block's forward from a hook (LayerwiseRunner.feed)."""
+
+
+def _stop_forward(module, inputs, output):
+    raise _StopForward
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -111,6 +119,25 @@ class LayerwiseRunner:
             out = _first(layer(hidden.to(device), **kwargs[layer_idx]))
             outputs.append(out.to(self.store_device))
         return outputs
+
+    @torch.no_grad()
+    def feed(self, layer_idx: int, stop_after: nn.Module) -> None:
+        """Run every stored batch through block `layer_idx` only until `stop_after` (a module of it) has run: its
+        hooks and those of the modules before it fire, the rest of the block does not run (statistics of the
+        attention need no MLP forward). Nothing is returned."""
+        layer = self.layers[layer_idx]
+        device = _device_of(layer)
+        handle = stop_after.register_forward_hook(_stop_forward)  # after the hooks registered before it
+        try:
+            for hidden, kwargs in zip(self.hidden, self.layer_kwargs):
+                try:
+                    layer(hidden.to(device), **kwargs[layer_idx])
+                except _StopForward:
+                    pass
+                else:
+                    raise AssertionError("the module to stop after did not run in the block's forward")
+        finally:
+            handle.remove()
 
     def advance(self, layer_idx: int, outputs: list[torch.Tensor] | None = None) -> None:
         """Make the outputs of block `layer_idx` the stored hidden states (recomputed unless given)."""

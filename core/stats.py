@@ -134,11 +134,15 @@ class BranchOutputs:
         self.outputs.append(_first(output).detach())
 
 
-def collect(runner: LayerwiseRunner, layer_idx: int, hooks: dict[str, tuple[nn.Module, object]]) -> list[torch.Tensor]:
-    """Run block `layer_idx` once with `hooks` ({name: (module, collector)}) attached; returns its outputs."""
+def collect(runner: LayerwiseRunner, layer_idx: int, hooks: dict[str, tuple[nn.Module, object]],
+            stop_after: nn.Module | None = None) -> list[torch.Tensor] | None:
+    """Run block `layer_idx` once with `hooks` ({name: (module, collector)}) attached; returns its outputs.
+    With `stop_after` (the last module the hooks need, e.g. o_proj) the forward ends there and returns None."""
     modules = {name: module for name, (module, _) in hooks.items()}
     collectors = {name: collector for name, (_, collector) in hooks.items()}
     with forward_hooks(modules, lambda name, mod, inp, out: collectors[name](name, mod, inp, out)):
+        if stop_after is not None:
+            return runner.feed(layer_idx, stop_after)
         return runner.run_layer(layer_idx)
 
 

@@ -96,6 +96,25 @@ def test_head_contributions_match_a_direct_computation(fam):
     assert len(set(expected.tolist())) == shape.num_attention_heads  # distinct heads: an ordering bug would show
 
 
+@pytest.mark.parametrize("fam", ["llama", "gemma2", "phi3"])
+@torch.no_grad()
+def test_a_forward_stopped_after_o_proj_gives_the_same_statistics_without_running_the_mlp(fam):
+    model = tiny_model(fam)
+    spec = spec_for_config(model.config)
+    shape, dh = layer_shapes(model.config)[1], head_dim(model.config)
+    runner = LayerwiseRunner(model, spec, _ids(), batch_size=2)
+    runner.advance(0)
+    layer = decoder_layers(model, spec)[1]
+    o_proj, mlp_calls = linear(layer, spec, "attention", "o"), []
+    full, stopped = HeadContributions(shape.num_attention_heads, dh), HeadContributions(shape.num_attention_heads, dh)
+    collect(runner, 1, {"o": (o_proj, full)})
+    with forward_hooks({"mlp": layer.get_submodule(spec.mlp.module)}, lambda *args: mlp_calls.append(1)):
+        assert collect(runner, 1, {"o": (o_proj, stopped)}, stop_after=o_proj) is None
+    assert mlp_calls == [] and torch.equal(stopped.norm(), full.norm())
+    assert not o_proj._forward_hooks  # the stopping hook is gone: the next forward runs the whole block
+    assert len(runner.run_layer(1)) == 2
+
+
 @pytest.mark.parametrize("fam", ["llama", "gemma3"])
 @torch.no_grad()
 def test_a_pruned_blocks_outputs_feed_the_next_block(fam):

@@ -43,6 +43,22 @@ def test_mlp_weight_scores_by_hand(name, expected):
     assert not MLP_SCORES.get(name).needs_data
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["maw", "maw_range", "vow", "pon", "l2"])
+def test_mlp_weight_scores_of_half_weights_equal_float32_bit_for_bit(name, dtype):
+    """A model streamed in its bf16/fp16 dtype scores exactly as the float32 model: maw/maw_range take row extremes
+    in the stored dtype (no float32 copy at all), the others cast the matrices they read."""
+    gen = torch.Generator().manual_seed(0)
+    gate, up, down = ((torch.randn(*shape, generator=gen) * 0.02).to(dtype) for shape in ((64, 48), (64, 48), (48, 64)))
+    gate[5, 7] = -0.5  # a row whose largest |w| is negative: max |w| is -min, not max
+    half = MlpTensors(gate, up, down)
+    got = MLP_SCORES.get(name).fn(half)
+    expected = MLP_SCORES.get(name).fn(MlpTensors(gate.float(), up.float(), down.float()))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    copies = set(half._float)
+    assert copies == ({"gate", "up", "down"} if name == "l2" else set() if name.startswith("maw") else {"gate", "up"})
+
+
 def test_mlp_activation_score_by_hand():
     input_norm = torch.tensor([1.0, 2.0, 3.0])  # per input feature of gate/up
     act_norm = torch.tensor([2.0, 0.5])  # per neuron (input of down)

@@ -52,6 +52,7 @@ def test_memory_estimate_follows_the_recipe():
     assert more_tokens.hidden_bytes >= 8 * 16 * small.hidden_bytes  # 128x the tokens (and longer masks)
     assert est(method="slimllm", score=None).working_bytes > small.working_bytes  # float64 covariances
     assert est(score="maw").hidden_bytes == 0 < small.hidden_bytes  # weight-only: no calibration data
+    assert est(score="maw_range").working_bytes < est(score="vow").working_bytes  # extremes need no float copy
     ppl = est(method="depth", score="ppl_drop")
     assert ppl.logits_bytes > 0 and small.logits_bytes == 0  # whole-model logits need the head
     distance = est(method="depth", score="shapley_mc", options={"utility": "logit_distance"})

@@ -109,7 +109,8 @@ class AttentionHeads(Method):
             contribution = None
             if runner is not None:
                 stats = HeadContributions(shape.num_attention_heads, dh)
-                collect(runner, i, {"o": (linear(layer, spec, "attention", "o"), stats)})
+                o_proj = linear(layer, spec, "attention", "o")
+                collect(runner, i, {"o": (o_proj, stats)}, stop_after=o_proj)  # the MLP need not run
                 contribution = stats.norm()
             tensors = attention_tensors(layer, spec, shape, dh, contribution, ctx.layer_seed(i))
             if score.stats is not None:

@@ -194,7 +194,7 @@ class SlimLLM(Method):
             units = [[h] for h in range(shape.num_attention_heads)]
             groups, n_prune = torch.arange(shape.num_attention_heads) // rep, k * shape.num_key_value_heads
         stats = ContributionStats(units, dh)
-        collect(runner, i, {"o": (o_proj, stats)})
+        collect(runner, i, {"o": (o_proj, stats)}, stop_after=o_proj)  # the MLP need not run
         moments = stats.moments
         cov = moments.covariance().cpu()
         scores = leave_one_out(cov)

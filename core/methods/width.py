@@ -23,7 +23,7 @@ def mlp_tensors(layer, spec, shape, input_norm=None, act_norm=None, seed=0) -> M
         gate = linear(layer, spec, "mlp", "gate").weight.detach()
         up = linear(layer, spec, "mlp", "up").weight.detach()
     down = linear(layer, spec, "mlp", "down").weight.detach()
-    return MlpTensors(gate.float(), up.float(), down.float(), input_norm, act_norm, seed)
+    return MlpTensors(gate, up, down, input_norm, act_norm, seed)  # float32 copies made as scores read them
 
 
 @register_method

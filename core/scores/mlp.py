@@ -5,37 +5,67 @@ act_norm: [m] (L2 norm of the down_proj input, i.e. act(gate x) * up x). Every f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from . import mlp_score
 
 
-@dataclass
 class MlpTensors:
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    input_norm: torch.Tensor | None = None
-    act_norm: torch.Tensor | None = None
-    seed: int = 0
-    extra: dict = field(default_factory=dict)  # what a score's `stats` collected (e.g. gradients)
+    """One gated MLP's weights and the statistics its scores read.
+
+    `gate`, `up`, `down` are the weights in float32, each cast on its first read: a model held in a narrower dtype
+    (a bf16 checkpoint streamed in its own dtype) pays for the copies only of the matrices a score reads.
+    `stored(name)` is a weight as the model holds it, for scores that are exact in any dtype (row maxima, minima).
+    """
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 input_norm: torch.Tensor | None = None, act_norm: torch.Tensor | None = None, seed: int = 0,
+                 extra: dict | None = None) -> None:
+        self._stored = {"gate": gate, "up": up, "down": down}
+        self._float: dict[str, torch.Tensor] = {}
+        self.input_norm, self.act_norm, self.seed = input_norm, act_norm, seed
+        self.extra = {} if extra is None else extra  # what a score's `stats` collected (e.g. gradients)
+
+    def stored(self, name: str) -> torch.Tensor:
+        return self._stored[name]
+
+    def _as_float(self, name: str) -> torch.Tensor:
+        if name not in self._float:
+            self._float[name] = self._stored[name].float()
+        return self._float[name]
+
+    gate = property(lambda self: self._as_float("gate"))
+    up = property(lambda self: self._as_float("up"))
+    down = property(lambda self: self._as_float("down"))
+
+
+STORED_DTYPE_SCORES = ("maw", "maw_range")  # scores that read no float32 copy (for core.memory's estimate)
+
+
+def _row_extremes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and min of each row, in float32. Taken in the stored dtype: a maximum is one of the values, so it is
+    exact in any dtype and equals the float32 computation bit for bit, without a float32 copy of the matrix."""
+    return w.amax(dim=1).float(), w.amin(dim=1).float()
 
 
 @mlp_score("maw")
 def maw(t: MlpTensors) -> torch.Tensor:
     """Maximum absolute weight: max_i |W_g[j,i]| + max_i |W_u[j,i]|."""
-    return t.gate.abs().amax(dim=1) + t.up.abs().amax(dim=1)
+    def max_abs(w: torch.Tensor) -> torch.Tensor:
+        hi, lo = _row_extremes(w)
+        return torch.maximum(hi, -lo)
+
+    return max_abs(t.stored("gate")) + max_abs(t.stored("up"))
 
 
 @mlp_score("maw_range")
 def maw_range(t: MlpTensors) -> torch.Tensor:
     """Max plus |min| of each row: (max W_g[j] + |min W_g[j]|) + (same for W_u)."""
     def spread(w: torch.Tensor) -> torch.Tensor:
-        return w.amax(dim=1) + w.amin(dim=1).abs()
+        hi, lo = _row_extremes(w)
+        return hi + lo.abs()
 
-    return spread(t.gate) + spread(t.up)
+    return spread(t.stored("gate")) + spread(t.stored("up"))
 
 
 @mlp_score("vow")

@@ -32,7 +32,12 @@ class ContributionMoments:
 def contribution_moments(contributions: torch.Tensor) -> ContributionMoments:
     """Moments of explicit contributions [U, N, d] (used on one calibration batch; batches add up)."""
     c = contributions.double()
-    return ContributionMoments(c.sum(dim=1), torch.einsum("und,vnd->duv", c, c), c.shape[1])
+    units = c.shape[0]
+    m2 = c.new_empty(c.shape[2], units, units)
+    for u in range(units):  # one product per pair: several times faster than einsum's batched [U, N] @ [N, U]
+        for v in range(u, units):
+            m2[:, u, v] = m2[:, v, u] = (c[u] * c[v]).sum(dim=0)
+    return ContributionMoments(c.sum(dim=1), m2, c.shape[1])
 
 
 def pearson_from_cov(cxy: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
