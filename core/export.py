@@ -158,6 +158,11 @@ def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: st
     if result.tokenizer is not None:
         result.tokenizer.save_pretrained(folder)
     doc = recipe_document(result, final_folder)
+    if "sparsity" in doc["result"]:
+        from .methods.sparsity import recipe_structure
+        from .sparse_format import describe_sparsity
+
+        describe_sparsity(folder, doc["result"]["sparsity"], recipe_structure(result.recipe), sparse_format)
     recipe_yaml = yaml.safe_dump(doc, sort_keys=False)
     (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     summary = dict(doc["result"], method=result.recipe.method, score=result.recipe.score,

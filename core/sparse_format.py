@@ -178,6 +178,27 @@ def write_compressed(folder: Path, linears: list[str]) -> dict:
     return config
 
 
+CONFIG_KEY = "pruning_sparsity"
+
+
+def describe_sparsity(folder: Path, sparsity: dict, structure: str, sparse_format: str) -> dict:
+    """Add to config.json, under `pruning_sparsity`, what a sparsity run left: {format, structure ('2:4', 'N:M' or
+    'unstructured'), sparsity (measured over the targets), zeros, linear_weights, targets (the pruned linears, by
+    name inside a decoder block), layers (measured per decoder layer; 0 where protected)}. transformers keeps an
+    unknown config key as a plain attribute and nothing reads it: plain `from_pretrained` loads the dense
+    checkpoint unchanged (unlike `quantization_config`, it never asks for a quantizer or decompressor).
+    `sparsity`: `measure_sparsity`'s result. Returns the description."""
+    targets = sorted({name for layer in sparsity["layers"] for name, z in layer["linears"].items() if z > 0})
+    description = {"format": sparse_format, "structure": structure, "sparsity": sparsity["sparsity"],
+                   "zeros": sparsity["zeros"], "linear_weights": sparsity["linear_weights"], "targets": targets,
+                   "layers": [layer["sparsity"] for layer in sparsity["layers"]]}
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data[CONFIG_KEY] = description
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return description
+
+
 # -- reading -----------------------------------------------------------------------------------------------------
 
 def sparsity_config(config) -> dict | None:

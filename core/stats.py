@@ -27,7 +27,9 @@ class InputNorms:
 
 
 class InputGram:
-    """Accumulates X^T X ([in, in], float32) over the calibration tokens of each watched Linear's input."""
+    """Accumulates X^T X ([in, in], float32) over the calibration tokens of each watched Linear's input: its upper
+    triangle only (the blocks on and above the diagonal; below them stays zero), which is all that SparseGPT's
+    factorisation reads."""
 
     def __init__(self) -> None:
         self.gram: dict[str, torch.Tensor] = {}
@@ -36,24 +38,17 @@ class InputGram:
         x = inputs[0].detach().flatten(0, -2).float()
         if name not in self.gram:
             self.gram[name] = x.new_zeros(x.shape[1], x.shape[1])
-        add_gram_(self.gram[name], x)
+        add_upper_gram_(self.gram[name], x)
 
 
-def add_gram_(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
-    """acc += X^T X, computing only the blocks on and above the diagonal (10 of 16 products for wide inputs)."""
+def add_upper_gram_(acc: torch.Tensor, x: torch.Tensor, width: int = 512) -> None:
+    """acc += X^T X on the blocks (of `width` columns) on and above the diagonal: about half the products of the
+    full matrix for wide inputs; the blocks below the diagonal are not touched."""
     n = x.shape[1]
-    if n < 1024:
-        acc.addmm_(x.T, x)
-        return
-    edges = [n * b // blocks for b in range(blocks + 1)]
-    for a in range(blocks):
+    edges = list(range(0, n, width)) + [n]
+    for a in range(len(edges) - 1):
         ra = slice(edges[a], edges[a + 1])
-        for b in range(a, blocks):
-            rb = slice(edges[b], edges[b + 1])
-            block = x[:, ra].T @ x[:, rb]
-            acc[ra, rb] += block
-            if b != a:
-                acc[rb, ra] += block.T
+        acc[ra, edges[a]:].addmm_(x[:, ra].T, x[:, edges[a]:])
 
 
 class TaylorSquares:

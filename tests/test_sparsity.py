@@ -16,8 +16,9 @@ from core.layer_config import layer_shapes
 from core.layers import decoder_layers
 from core.methods.sparsity import linear_groups, parse_pattern
 from core.model_io import load_tokenizer
-from core.scores.sparsity import GlobalThreshold, LinearTensors, Pattern, nm_mask, ratio_mask, sparsegpt, wanda
-from core.stats import forward_hooks
+from core.scores.sparsity import (GlobalThreshold, LinearTensors, Pattern, hessian_factor, nm_mask, ratio_mask, sparsegpt,
+                                  sparsegpt_shared, wanda)
+from core.stats import InputGram, add_upper_gram_, forward_hooks
 
 from conftest import TOKENIZER_DIR
 
@@ -126,6 +127,38 @@ def test_sparsegpt_zeroes_dead_inputs_and_keeps_the_scale_free():
     assert (a[:, 5] == 0).all()
     b = sparsegpt(w, 37.0 * (x.T @ x), Pattern(2, 4), 0.5, block_size=16)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sparsegpt_reads_the_upper_gram_that_input_gram_accumulates():
+    x, w = _data(2, d=96)
+    stats = InputGram()
+    for part in x.split(150):  # two calibration batches
+        stats("in", None, (part,), None)
+    torch.testing.assert_close(stats.gram["in"].triu(), (x.T @ x).triu(), rtol=1e-4, atol=1e-3)
+    upper = torch.zeros(96, 96)
+    for part in x.split(150):
+        add_upper_gram_(upper, part, width=32)
+    torch.testing.assert_close(upper.triu(), (x.T @ x).triu(), rtol=1e-4, atol=1e-3)
+    assert not upper[64:, :64].any()  # below the diagonal blocks: never computed
+    for pattern in (Pattern(), Pattern(2, 4)):
+        torch.testing.assert_close(sparsegpt(w, upper, pattern, 0.5, block_size=32),
+                                   sparsegpt(w, x.T @ x, pattern, 0.5, block_size=32), rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_shared_equals_one_linear_at_a_time():
+    """q/k/v (or gate/up) share one factor and one pass over the columns; each result is its own sparsegpt."""
+    x, _ = _data(3, d=64)
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(rows, 64, generator=g) for rows in (40, 8, 8)]
+    factor = hessian_factor(x.T @ x)
+    for pattern, ratio in ((Pattern(), 0.5), (Pattern(), 0.3), (Pattern(2, 4), 0.5)):
+        shared = sparsegpt_shared(weights, factor, pattern, ratio, block_size=16)
+        for w, new in zip(weights, shared):
+            alone = sparsegpt(w, x.T @ x, pattern, ratio, block_size=16)
+            assert torch.equal(new != 0, alone != 0)
+            torch.testing.assert_close(new, alone, rtol=1e-4, atol=1e-5)
+            if not pattern.structured:
+                assert int((new == 0).sum()) == round(ratio * w.numel())
 
 
 # -- the method in the pipeline -----------------------------------------------------------------------------------

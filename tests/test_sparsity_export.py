@@ -124,7 +124,9 @@ def test_dense_default_reloads_with_plain_transformers(tmp_path):
     result = _sparse()
     expected = logits(result.model, IDS)
     out = core.save_pruned(result, tmp_path / "out")
-    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["pruning_sparsity"]["structure"] == "2:4" and config["pruning_sparsity"]["format"] == "dense"
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     _same_weights(reloaded, result.model)
     torch.testing.assert_close(logits(reloaded, IDS), expected)
@@ -289,7 +291,18 @@ def test_cli_sparsegpt_two_four_done_when(tmp_path, src, capsys):
     for k, t in _tensors(out).items():
         if ".layers." in k and k.endswith("proj.weight"):
             assert ((t != 0).reshape(t.shape[0], -1, 4).sum(-1) == 2).all(), k
-    AutoModelForCausalLM.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config  # dense: nothing for transformers to decompress
+    described = config["pruning_sparsity"]
+    assert described["format"] == "dense" and described["structure"] == "2:4" and described["sparsity"] == 0.5
+    assert described["targets"] == sorted(f"{part}.{p}_proj" for part, names in
+                                          (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in names)
+    assert described["layers"] == [0.5] * 4 and described["zeros"] * 2 == described["linear_weights"]
+    in_memory = core.run_recipe(core.Recipe.from_file(out / RECIPE_FILE), stream=False)  # the same run, kept
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.pruning_sparsity == described
+    _same_weights(reloaded, in_memory.model)
+    torch.testing.assert_close(logits(reloaded, IDS), logits(in_memory.model, IDS))
 
 
 def test_cli_then_compressed_and_inspect(tmp_path, src, capsys):

@@ -30,7 +30,7 @@ from ..errors import InvalidTargetError, RecipeError
 from ..layer_config import layer_shapes
 from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers
 from ..scores import SPARSITY_SCORES
-from ..scores.sparsity import GlobalThreshold, LinearTensors, Pattern, pattern_mask
+from ..scores.sparsity import GlobalThreshold, LinearTensors, Pattern, hessian_factor, pattern_mask, sparsegpt_shared
 from ..stats import InputGram, InputNorms, TaylorSquares, collect, linear
 from . import Method, PruneContext, register_method
 
@@ -63,6 +63,13 @@ def implied_target(options: dict) -> dict | None:
     except RecipeError:
         return None
     return {"ratio": pattern.ratio} if pattern.structured else None
+
+
+def recipe_structure(recipe) -> str:
+    """The layout a recipe's sparsity stages leave: the last stage's N:M (earlier zeros score lowest, so each group
+    keeps at most N non-zeros), or 'unstructured'."""
+    stages = [s for s in recipe.stages() if s.method == "sparsity"]
+    return str(parse_pattern(stages[-1].options.get("pattern", "unstructured"))) if stages else "unstructured"
 
 
 def linear_groups(layer: nn.Module, spec, shape, which: str) -> list[tuple[str, dict[str, nn.Module]]]:
@@ -216,12 +223,19 @@ class Sparsity(Method):
         return {p: {} for p in modules}
 
     @torch.no_grad()
+    def _reconstruct(self, group: dict[str, nn.Module], gram: torch.Tensor, pattern: Pattern, ratio: float,
+                     opts) -> None:
+        """SparseGPT (the one reconstruction score) of the linears that share one input: one Hessian factor and
+        one pass over the columns for all of them (the same result as one linear at a time)."""
+        weights = [m.weight for m in group.values()]
+        factor = hessian_factor(gram.to(weights[0].device), opts.dampening)
+        for w, new in zip(weights, sparsegpt_shared(weights, factor, pattern, ratio, opts.block_size)):
+            w.copy_(new.to(w.dtype))
+
+    @torch.no_grad()
     def _prune_linear(self, module: nn.Module, score, stats: dict, pattern: Pattern, ratio: float, scope: str,
                       opts, threshold: GlobalThreshold | None, seed: int) -> None:
         w = module.weight
-        if score.kind == "reconstruction":
-            w.copy_(score.fn(w, stats["gram"], pattern, ratio, opts.block_size, opts.dampening).to(w.dtype))
-            return
         if threshold is not None:
             mask = threshold.mask(w)
         else:
@@ -262,9 +276,14 @@ class Sparsity(Method):
                 modules = {p: m for g in pass_groups for p, m in g.items()}
                 stats = self._collect(ctx, runner, i, layer, pass_groups, score, opts) if runner else \
                     {p: {} for p in modules}
-                for k, (path, module) in enumerate(modules.items()):
-                    self._prune_linear(module, score, stats[path], pattern, ratios[i], scope, opts, threshold,
-                                       ctx.layer_seed(i) * 31 + k)
+                if score.kind == "reconstruction":
+                    for group in pass_groups:
+                        self._reconstruct(group, stats[next(iter(group))]["gram"], pattern, ratios[i], opts)
+                else:
+                    for k, (path, module) in enumerate(modules.items()):
+                        self._prune_linear(module, score, stats[path], pattern, ratios[i], scope, opts, threshold,
+                                           ctx.layer_seed(i) * 31 + k)
+                for path, module in modules.items():
                     entry["linears"][path] = round(zero_fraction(module.weight), 6)
             if runner is not None:
                 runner.advance(i)

@@ -110,39 +110,66 @@ def pattern_mask(scores: torch.Tensor, pattern: Pattern, ratio: float, per_row: 
     return ratio_mask(scores, ratio, per_row)
 
 
-def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix by 2x2 blocks (matrix products do the work: about 2n^3/3 flops at
-    matmul speed, against n^3 for a triangular solve with an identity right-hand side)."""
-    n = lower.shape[0]
-    if n <= 512:
-        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
-    k = n // 2
-    a, c = _lower_inverse(lower[:k, :k]), _lower_inverse(lower[k:, k:])
-    out = torch.zeros_like(lower)
-    out[:k, :k], out[k:, k:] = a, c
-    out[k:, :k] = -(c @ (lower[k:, :k] @ a))
-    return out
+@dataclass
+class HessianFactor:
+    """The damped calibration Hessian H + lambda I = R R^T with R upper triangular, stored as `lower` = P R P (P the
+    order reversal): the Cholesky factor of P (H + lambda I) P. The upper Cholesky factor of the inverse Hessian that
+    SparseGPT works with is U = R^-1 (H^-1 = U^T U); it is never formed (see `sparsegpt`). `dead`: inputs with
+    H_jj = 0. Linears that read the same input (q/k/v, gate/up) share one factor."""
+
+    lower: torch.Tensor
+    dead: torch.Tensor
+
+    def r(self, rows: slice, cols: slice) -> torch.Tensor:
+        """The block R[rows, cols] (a copy)."""
+        n = self.lower.shape[0]
+        return torch.flip(self.lower[n - rows.stop:n - rows.start, n - cols.stop:n - cols.start], (0, 1))
 
 
-def _inverse_hessian_factor(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor U of (H + lambda I)^-1 = U^T U, lambda = damp * mean(diag H); dead inputs (H_jj = 0)
-    get H_jj = 1. With P the order reversal and P H P = L L^T, U = P L^-1 P: one Cholesky and one triangular
-    inverse. Retries with 10x the dampening while H is not positive definite. Returns (U, dead)."""
-    h = gram.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    mean_diag = torch.diag(h).mean()
-    idx = torch.arange(h.shape[0], device=h.device)
+def hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> HessianFactor:
+    """Factor X^T X for SparseGPT: dead inputs (H_jj = 0) get H_jj = 1, lambda = damp * mean(diag H), one Cholesky
+    (retried with 10x the dampening while H is not positive definite). Only the upper triangle of `gram` is read
+    (the Cholesky factorisation reads the lower triangle of its reversed copy), so `core.stats.InputGram`
+    accumulates only that."""
+    flipped = torch.flip(gram.detach().float(), (0, 1))  # a copy: P H P
+    diag = flipped.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    step = damp * diag.mean()
+    diag += step
     for attempt in range(6):
-        damped = h.clone()
-        damped[idx, idx] += damp * (10 ** attempt) * mean_diag
-        lower, info = torch.linalg.cholesky_ex(torch.flip(damped, (0, 1)))
-        if info == 0:
-            upper = torch.flip(_lower_inverse(lower), (0, 1))
-            if torch.isfinite(upper).all():
-                return upper, dead
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        if info == 0 and torch.isfinite(lower).all():
+            return HessianFactor(lower, torch.flip(dead, (0,)))
+        diag += step * (10 ** (attempt + 1) - 10 ** attempt)
     raise torch.linalg.LinAlgError("the calibration Hessian is not positive definite even with 1e5x dampening")
+
+
+def _group_pruned(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Prune all but the n highest of each column of scores [m, out] (ties: the lower index is kept), as `nm_mask`
+    does, by counting for each entry the entries ranked above it, pair by pair (m small: faster than sorting one
+    small group at a time). bool [m, out], True = prune."""
+    m = scores.shape[0]
+    if m > 255:
+        return ~nm_mask(scores.T, n, m).T
+    rank = torch.zeros(scores.shape, dtype=torch.uint8, device=scores.device)
+    rows, ranks = scores.unbind(0), rank.unbind(0)
+    for i in range(m):
+        for j in range(i + 1, m):
+            above = torch.lt(rows[i], rows[j])  # j ranks above i; on a tie i (the lower index) does
+            ranks[i].add_(above.view(torch.uint8))
+            ranks[j].add_(above.logical_not_().view(torch.uint8))
+    return rank >= n
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool mask of the k lowest entries of a 1-D tensor (ties: the lower index), as a stable argsort would pick
+    them, by one selection instead of a sort."""
+    threshold = scores.kthvalue(k).values
+    low = scores < threshold
+    ties = (scores == threshold).nonzero().flatten()[: k - int(low.sum())]
+    low[ties] = True
+    return low
 
 
 def _block_quota(i1: int, i2: int, rows: int, ratio: float) -> int:
@@ -150,42 +177,92 @@ def _block_quota(i1: int, i2: int, rows: int, ratio: float) -> int:
     return round(ratio * rows * i2) - round(ratio * rows * i1)
 
 
+def _prune_block(w1t: torch.Tensor, u11: torch.Tensor, pattern: Pattern, quotas: list[tuple[int, int, int]],
+                 sub: int = 32) -> torch.Tensor:
+    """SparseGPT inside one column block, in place. w1t: the block's weights transposed, [block, out] (a column is a
+    contiguous row); u11: the block's [block, block] part of U. Unstructured: in each (first, last, k) output-row
+    range of `quotas` (one per weight), the k weights of the block with the lowest w^2 / U_jj^2 are pruned (chosen
+    once); N:M: each group of m columns is masked when the loop reaches it, from the weights as updated so far.
+    Each column's error e = w * pruned / U_jj is spread over the later columns (rank-1 updates inside sub-blocks of
+    `sub` columns, one matmul per sub-block for the rest of the block), and the pruned weights are set to zero.
+    Returns the errors e, [block, out]."""
+    b = w1t.shape[0]
+    d = u11.diagonal()
+    err = torch.empty_like(w1t)
+    pruned = torch.zeros_like(w1t)  # 1.0 where pruned
+    for r1, r2, k in quotas:
+        if k:  # ties ordered as in the [out, block] matrix
+            flat = _lowest((w1t[:, r1:r2].pow(2) / d.pow(2)[:, None]).T.flatten(), k)
+            pruned[:, r1:r2] = flat.view(r2 - r1, b).T
+    m = pattern.m
+    step = m * max(1, sub // m) if pattern.structured else sub
+    w_rows, e_rows, p_rows, diag = w1t.unbind(0), err.unbind(0), pruned.unbind(0), d.tolist()
+    for s1 in range(0, b, step):
+        s2 = min(s1 + step, b)
+        for j in range(s1, s2):
+            if pattern.structured and j % m == 0:
+                pruned[j:j + m] = _group_pruned(w1t[j:j + m].pow(2) / d[j:j + m, None].pow(2), pattern.n)
+            e = torch.div(w_rows[j], diag[j], out=e_rows[j]).mul_(p_rows[j])
+            w1t[j:s2].addr_(u11[j, j:s2], e, alpha=-1)  # pruned weights go to (about) zero, kept ones absorb it
+        if s2 < b:
+            w1t[s2:].addmm_(u11[s1:s2, s2:].T, err[s1:s2], alpha=-1)
+    w1t.mul_(pruned.neg_().add_(1))
+    return err
+
+
 @torch.no_grad()
-def sparsegpt(weight: torch.Tensor, gram: torch.Tensor, pattern: Pattern, ratio: float, block_size: int = 128,
-              damp: float = 0.01) -> torch.Tensor:
+def sparsegpt(weight: torch.Tensor, gram: torch.Tensor | None, pattern: Pattern, ratio: float, block_size: int = 128,
+              damp: float = 0.01, factor: HessianFactor | None = None) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh 2023): prune W with an OBS update of the kept weights.
 
-    weight: [out, in]; gram: [in, in] = X^T X (the scale does not matter). Columns are processed left to right in
-    blocks of `block_size`: inside a block the mask keeps the weights with the largest w^2 / [H^-1]_jj^2 (per N:M
-    group, or `ratio` of the block), each pruned weight's error w / [H^-1]_jj is spread over the block's later
-    columns, and the block's errors are propagated to all later columns. Returns the new weight (float32, zeros
-    where pruned)."""
-    w = weight.detach().float().clone()
+    weight: [out, in]; gram: [in, in] = X^T X (the scale does not matter; only its upper triangle is read), or its
+    `hessian_factor` given as `factor`.
+    Columns are processed left to right in blocks of `block_size`: inside a block the mask keeps the weights with
+    the largest w^2 / [H^-1]_jj^2 (per N:M group, or `ratio` of the block), each pruned weight's error
+    w / [H^-1]_jj is spread over the block's later columns (`_prune_block`), and the errors E of all earlier
+    blocks reach the block through the upper Cholesky factor U = R^-1 of H^-1: W_k -= (E U)_k. Instead of
+    inverting R (n^3/3 flops for the intermediate projection's Hessian), Z = E R^-1 is extended block by block
+    (blocked forward substitution): with T = Z_{<k} R_{<k,k}, W_k += T U_kk and Z_k = (E_k - T) U_kk, one matmul
+    per block, and only the diagonal blocks U_kk = R_kk^-1 are ever inverted. Returns the new weight (float32,
+    zeros where pruned)."""
+    if factor is None:
+        assert gram is not None, "sparsegpt needs the Gram matrix X^T X or its hessian_factor"
+        factor = hessian_factor(gram.to(weight.device), damp)
+    return sparsegpt_shared([weight], factor, pattern, ratio, block_size)[0]
+
+
+@torch.no_grad()
+def sparsegpt_shared(weights: list[torch.Tensor], factor: HessianFactor, pattern: Pattern, ratio: float,
+                     block_size: int = 128) -> list[torch.Tensor]:
+    """`sparsegpt` of several weights that read the same input (q/k/v, gate/up: one Hessian), in one pass over the
+    columns: the result of each equals `sparsegpt` of it alone (rows are independent; the unstructured quota is
+    counted per weight). One float32 copy of the stacked weights is updated in place; each column block is worked
+    on transposed (a column is a contiguous row)."""
+    sizes = [w.shape[0] for w in weights]
+    w = torch.cat([w.detach().float() for w in weights])  # [sum of out, in]: a new tensor, the result
     rows, cols = w.shape
-    hinv, dead = _inverse_hessian_factor(gram.detach().float().to(w.device), damp)
-    w[:, dead] = 0
+    if factor.dead.any():
+        w[:, factor.dead.to(w.device)] = 0
+    z = torch.empty_like(w)  # Z = E R^-1, filled block by block
+    eye = torch.eye(block_size, dtype=w.dtype, device=w.device)
+    edges = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        err = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        d = torch.diag(h1)
-        prune = torch.zeros_like(w1, dtype=torch.bool)
-        k = 0 if pattern.structured else _block_quota(i1, i2, rows, ratio)
-        if k:
-            order = torch.argsort((w1.pow(2) / d.pow(2)[None, :]).flatten(), stable=True)
-            prune.view(-1)[order[:k]] = True
-        pruned = prune.to(w1.dtype)
-        for j in range(i2 - i1):
-            if pattern.structured and j % pattern.m == 0:
-                group = w1[:, j:j + pattern.m].pow(2) / d[j:j + pattern.m].pow(2)[None, :]
-                pruned[:, j:j + pattern.m] = (~nm_mask(group, pattern.n, pattern.m)).to(w1.dtype)
-            e = w1[:, j] * pruned[:, j] / d[j]
-            w1[:, j:].addr_(e, h1[j, j:], alpha=-1)  # pruned weights go to (about) zero, kept ones absorb the error
-            err[:, j] = e
-        w[:, i1:i2] = w1 * (1 - pruned)
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return w
+        block = slice(i1, i2)
+        u11 = torch.linalg.solve_triangular(factor.r(block, block), eye[:i2 - i1, :i2 - i1], upper=True)
+        w1t = w[:, block].contiguous().T.contiguous()  # in two steps: several times faster than one strided copy
+        t = None
+        if i1:
+            t = z[:, :i1] @ factor.r(slice(0, i1), block)
+            w1t.addmm_(u11.T, t.T)
+        quotas = [] if pattern.structured else \
+            [(r1, r2, _block_quota(i1, i2, r2 - r1, ratio)) for r1, r2 in zip(edges, edges[1:])]
+        err = _prune_block(w1t, u11, pattern, quotas)
+        w[:, block] = w1t.T.contiguous()
+        zb = torch.mm(err.T, u11)
+        z[:, block] = zb if t is None else zb.addmm_(t, u11, alpha=-1)
+    del z
+    return list(w.split(sizes))
 
 
 sparsity_score("sparsegpt", needs_data=True, kind="reconstruction")(sparsegpt)
