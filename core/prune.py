@@ -200,6 +200,26 @@ def _check_target(recipe: Recipe, before: int, after: int) -> None:
                        f"{wanted:,}", f"{removed:,}", 100 * (removed - wanted) / wanted)
 
 
+def should_stream(recipe: Recipe, name: str, opts: LoadOptions, stream: bool | None = None) -> bool:
+    """Whether `recipe` prunes the model `name` streamed: `stream` when given (RecipeError when the recipe cannot
+    stream), else whenever the checkpoint can stream and every stage works block by block (recovery training and
+    scores or recoveries with gradients through the whole model need the model in memory)."""
+    recipe = normalize(recipe)
+    if recipe.recover is not None:
+        if stream:
+            raise RecipeError("Recovery training (recover:) trains the model in memory, so it cannot stream: drop "
+                              "--stream, or prune streamed without recover: and train afterwards with "
+                              "`python -m core recover`.")
+        return False
+    whole_only = [s.method for s in recipe.stages() if not METHODS.get(s.method).streams(s)]
+    if whole_only and stream:
+        raise RecipeError(f"This {whole_only[0]} recipe (its score or recovery needs gradients through the whole "
+                          "model) cannot stream: drop --stream.")
+    if whole_only:
+        return False
+    return can_stream(name, opts) if stream is None else stream
+
+
 def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: bool = False,
                stream: bool | None = None, out_dir: str | Path | None = None,
                offload_hidden: bool = False, **recovery) -> PruneResult:
@@ -216,19 +236,7 @@ def run_recipe(recipe: Recipe, progress: ProgressCallback | None = None, bars: b
     name = resolve_model_name(recipe.model)
     load = recipe.load
     opts = load_options(recipe)
-    if recipe.recover is not None:
-        if stream:
-            raise RecipeError("Recovery training (recover:) trains the model in memory, so it cannot stream: drop "
-                              "--stream, or prune streamed without recover: and train afterwards with "
-                              "`python -m core recover`.")
-        stream = False
-    whole_only = [s.method for s in recipe.stages() if not METHODS.get(s.method).streams(s)]
-    if whole_only and stream:
-        raise RecipeError(f"This {whole_only[0]} recipe (its score or recovery needs gradients through the whole "
-                          "model) cannot stream: drop --stream.")
-    if whole_only:
-        stream = False
-    streamed = can_stream(name, opts) if stream is None else stream
+    streamed = should_stream(recipe, name, opts, stream)
     # weights only: scores compute in float32 from their own copies and surgery only slices, so streamed blocks
     # stay in the checkpoint's dtype while pruning (half the memory, no casts; the result is the same bit for bit)
     in_source_dtype = streamed and load.dtype == "auto" and \

@@ -29,7 +29,7 @@ from typing import Callable
 
 import core
 from core import LoadOptions, Recipe
-from core.model_io import can_stream
+from core.prune import should_stream
 from core.streaming import is_streamed
 
 from . import card
@@ -334,8 +334,9 @@ class Worker:
         self._checkpoint("downloaded", job)
         recipe = Recipe.from_yaml(job.recipe_yaml)
         opts = LoadOptions(dtype=recipe.load.dtype, device=self.config.device, local_files_only=True)
-        # streamed (one decoder block in memory at a time, see core.streaming) whenever the source allows it
-        model, tokenizer = core.load_model(str(src), replace(opts, stream=can_stream(str(src), opts)))
+        # streamed (one decoder block in memory at a time, see core.streaming) whenever the source and the recipe
+        # allow it (recovery training and whole-model gradients need the model in memory)
+        model, tokenizer = core.load_model(str(src), replace(opts, stream=should_stream(recipe, str(src), opts)))
         if is_streamed(model):  # changed blocks wait in the job's folder, deleted with it
             model.core_stream.use_work_folder(tmp / "blocks")
             logger.info("streaming the source from disk, one decoder block at a time", extra=fields)

@@ -420,3 +420,25 @@ def test_a_pickle_named_safetensors_fails_for_good(bot, hub, alice, source_dir, 
     (job,) = jobs_of(bot, "alice/pickle-src")
     assert (job.state, job.permanent, job.attempts) == ("failed", True, 1)
     assert "not a safetensors file" in job.error
+
+
+def test_a_recipe_with_recovery_publishes_the_recovered_variant(hub, alice, bot_api, source_dir, tmp_path):
+    """A recipe's `recover:` section (a step budget) runs in the bot's job after pruning; the published recipe and
+    card record the recovery, and the variant reloads."""
+    recover = {"steps": 4, "batch_size": 2, "seq_len": 32, "eval_every": 2, "data_tokens": 5_000, "warmup": 1}
+    recipe = {"method": "maw", "target": {"ratio": 0.5}, "name": "maw-50pct-kd", "recover": recover}
+    sha = push(alice, "alice/kd-src", source_dir)
+    with other_bot(tmp_path / "kd", hub.url, [{"repo": "alice/kd-src", "recipes": [recipe]}]) as b:
+        b.planner.on_commit("alice/kd-src", sha, "test")
+        drain(b)
+        (job,) = b.store.jobs()
+    assert job.state == "done", job.error
+    (repo,) = [m.id for m in bot_api.list_models(author="pruners") if "kd-src" in m.id]
+    folder = Path(bot_api.snapshot_download(repo, local_dir=tmp_path / "variant"))
+    doc = yaml.safe_load((folder / "pruning_recipe.yaml").read_text())
+    assert doc["recover"]["steps"] == 4 and doc["result"]["recovery"]["steps"] == 4
+    assert len(doc["result"]["recovery"]["loss_curve"]) == 3  # steps 0, 2 and 4
+    assert "## Recovery training" in (folder / "README.md").read_text()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(folder).config.intermediate_size == 48

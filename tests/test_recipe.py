@@ -212,3 +212,22 @@ def test_which_recipes_stream(method, score, options, streams):
 
     recipe = Recipe(method=method, score=score, target=Target(ratio=0.25), options=options)
     assert METHODS.get(method).streams(recipe) is streams
+
+
+def test_should_stream_follows_the_recipe_and_refuses_what_cannot_stream(tmp_path):
+    from core.model_io import LoadOptions
+    from core.prune import should_stream
+    from core.recover_config import RecoverConfig
+
+    src = str(save_tiny(tiny_model("llama"), tmp_path / "src"))
+    opts = LoadOptions()
+    plain = Recipe(method="maw_range", target=Target(ratio=0.3))  # a shorthand: normalised first
+    assert should_stream(plain, src, opts) is True and should_stream(plain, src, opts, stream=False) is False
+    trained = Recipe(method="maw", target=Target(ratio=0.3), recover=RecoverConfig(steps=2))
+    assert should_stream(trained, src, opts) is False  # the bot and run_recipe load such a model whole
+    with pytest.raises(RecipeError, match="recover"):
+        should_stream(trained, src, opts, stream=True)
+    gradients = Recipe(method="mlp_width", score="taylor", target=Target(ratio=0.3))
+    assert should_stream(gradients, src, opts) is False
+    with pytest.raises(RecipeError, match="cannot stream"):
+        should_stream(gradients, src, opts, stream=True)

@@ -21,6 +21,8 @@ from .server import create_app
 
 logger = logging.getLogger(__name__)
 
+KEEP_ALIVE_S = 65.0
+
 
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -47,8 +49,10 @@ class LocalHubServer:
         self.storage_url = f"http://{url_host}:{self.storage_port}"
         hub.public_url = hub.public_url or self.url
         hub.cdn_url = hub.cdn_url or self.storage_url
+        # idle keep-alive connections stay open longer than clients keep them (httpx: 5 s, uvicorn's default too):
+        # with equal timeouts a client may reuse a connection the server is closing ('Connection reset by peer')
         config = uvicorn.Config(create_app(hub), log_level=log_level, lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE_S)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
