@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per test worker: two workers on a 2-core machine, no oversubscription
+    torch.set_num_threads(1)
 
 TOKENIZER_DIR = ROOT / "reference" / "model"
 VOCAB = 4096
