@@ -30,7 +30,7 @@ from .recover_config import RecoverConfig
 from .recover_data import load_split
 from .recover_loss import proportional_origin
 from .recover_memory import check_fits, estimate
-from .recover_schedule import Schedule, fractions
+from .recover_schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def prune_and_recover(model: nn.Module, tokenizer, recipe: Recipe, progress: Pro
         if result is not None:
             origin = surviving_layers(origin, result.report, n_before, model.config.num_hidden_layers)
             pruned.append(result)
-            reached = fractions(cfg.rounds, cfg.schedule)[t]
+            reached = schedule.fraction(t)
             entry.update(target={k: v for k, v in dataclasses.asdict(round_recipe.target).items() if v is not None},
                          params_after=result.params_after["total"], method_report=result.report)
         if budget[t]:

@@ -50,15 +50,18 @@ class Schedule:
     def rounds(self) -> int:
         return self.recipe.recover.rounds
 
+    def fraction(self, t: int) -> float:
+        """s_t: the cumulative fraction of the final pruning reached after round t (0-based)."""
+        return fractions(self.rounds, self.recipe.recover.schedule)[t]
+
     def round_recipe(self, t: int, params_now: int, reached: float | None = None) -> Recipe | None:
         """The recipe of round t (0-based) for the current model; None when the round has nothing to prune.
 
         `reached` is the cumulative fraction s of the last round that really pruned (default: round t - 1's). A
         round finer than the method's units prunes nothing, so the next component-ratio step starts from there."""
         target, recipe = self.recipe.target, self.recipe.replace(recover=None)
-        s = fractions(self.rounds, self.recipe.recover.schedule)
-        now = s[t]
-        before = reached if reached is not None else (s[t - 1] if t else 0.0)
+        now = self.fraction(t)
+        before = reached if reached is not None else (self.fraction(t - 1) if t else 0.0)
         if target.target_params is not None or (target.param_ratio is not None and not self.cumulative):
             final = target.target_params if target.target_params is not None else round(
                 self.params_original * (1 - target.param_ratio))
