@@ -27,6 +27,7 @@ from typing import Callable
 from huggingface_hub import EvalResult
 
 from .architectures import spec_for_config
+from .errors import EnvironmentFailure
 from .evaluate import perplexity_of_file
 from .params import count_parameters
 from .memory import model_too_big
@@ -139,14 +140,12 @@ def measure(model, tokenizer, settings: EvalSettings = EvalSettings(),
     if settings.tasks and tokenizer is not None:
         from .harness import run_tasks
 
-        reason = model_too_big(model) if is_streamed(model) else None
-        if reason:  # lm-eval runs whole models only
-            logger.warning("lm-eval not run: it needs the model in memory and %s", reason)
-            return m
         step("lm-eval")
-        with in_memory(model):
+        try:  # run_tasks loads a streamed model whole, or refuses one that does not fit
             m.lm_eval = run_tasks(model, tokenizer, list(settings.tasks), list(settings.task_dirs),
                                   settings.task_limit)["tasks"]
+        except EnvironmentFailure as err:
+            logger.warning("lm-eval not run: %s", err)
     return m
 
 

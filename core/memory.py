@@ -7,7 +7,8 @@ The streamed path (core.streaming) holds one decoder block at a time, so its pea
 
 where the block's working set is the block in the compute dtype, the rebuilt block surgery makes next to it, its
 copy in the source dtype while it is written, the float copies a score makes of the largest projections, one
-batch's activations and the method's statistics. The in-memory path holds the whole model in the compute dtype
+batch's activations, the method's statistics and, for MLP pruning with data, the recordings of the calibration
+forward that spare a second one (core.replay; at most the block's size). The in-memory path holds the whole model in the compute dtype
 plus the same working set. Figures are estimates (within ~20% of the benchmarks in bench/results); they are meant
 for planning, not as limits.
 """
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .layer_config import head_dim, layer_shapes
+from .replay import replay_bytes
 
 GIB = 2**30
 RUNTIME = {"cpu": int(0.7 * GIB), "cuda": int(0.6 * GIB)}  # Python + torch + transformers; CUDA context on GPU
@@ -114,6 +116,15 @@ def _copies_nothing(recipe) -> bool:
     return recipe.method == "mlp_width" and recipe.score in STORED_DTYPE_SCORES
 
 
+def _replays_mlp(recipe) -> bool:
+    """Whether the method records a block's forward to recompute it after MLP pruning (core.replay)."""
+    if recipe is None:
+        return True
+    from .prune import normalize
+
+    return normalize(recipe).method in ("mlp_width", "slimllm")
+
+
 def _needs_logits(recipe) -> bool:
     if recipe is None or recipe.method != "depth":
         return False
@@ -157,6 +168,9 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
                + (0 if _copies_nothing(recipe) else 2 * largest * 4))  # float copies and temporaries of scores
     if data:  # one batch's activations and attention
         working += b * t * (3 * m + 6 * d) * c + b * heads * t * t * c
+    if data and _replays_mlp(recipe):  # recordings for the replay, kept when within the block's size
+        recorded = replay_bytes(tokens, d, m, c)
+        working += recorded if recorded <= block * c else 0
     if recipe is not None and recipe.method == "slimllm":
         units = heads if recipe.options.get("head_mode") == "query" else kv
         working += 2 * d * d * 8 + d * units * units * 8 + units * b * t * d * 4  # fp64 covariances, contributions

@@ -1,8 +1,10 @@
 """Safetensors checkpoints read and written one tensor group at a time, never as a whole.
 
 `Checkpoint` maps tensor names to shard files (the index's weight map, or the headers of the files) and reads the
-tensors asked for, opening each shard only for that read: no file stays mapped between reads, so a process that
-streams a model holds one group of tensors, not the checkpoint. `write_shard` writes one group (checking the free
+tensors asked for, opening each shard only for that read, so a process that streams a model holds one group of
+tensors, not the checkpoint. A tensor read on the CPU in its stored dtype shares the file's pages (safetensors maps
+the file; the mapping lives as long as such a tensor, and its pages are clean page cache the kernel can drop); a
+tensor cast to another dtype or moved to a GPU is a copy, and the mapping goes with the read. `write_shard` writes one group (checking the free
 disk space first), `rename_tensors` renames the tensors of a written shard in place (only its header changes) and
 `write_index` writes the index that ties the shards together.
 """

@@ -52,3 +52,26 @@ def test_task_dir_placeholder_is_filled(tmp_path):
     with prepared_task_dirs([tmp_path]) as dirs:
         text = next(p for d in dirs for p in __import__("pathlib").Path(d).glob("t.yaml")).read_text()
     assert text == f"data: {tmp_path.resolve()}/x.jsonl\n"
+
+
+def test_measure_runs_lm_eval_on_a_streamed_model_that_fits_and_skips_one_that_does_not(tiny_dir, tmp_path,
+                                                                                        monkeypatch, caplog):
+    from core.compare import EvalSettings, measure
+
+    src = tiny_dir("llama")
+    model, tokenizer = core.load_model(str(src), core.LoadOptions(device="cpu"))
+    streamed, _ = core.load_model(str(src), core.LoadOptions(device="cpu", stream=True))
+    assert core.streaming.is_streamed(streamed)
+    text = tmp_path / "eval.txt"
+    text.write_text("Return the list of names in the module namespace. " * 30)
+    settings = EvalSettings(text=text, max_tokens=128, speed=False, tasks=("pydoc_cloze",), task_limit=8)
+    whole = measure(model, tokenizer, settings)
+    fits = measure(streamed, tokenizer, settings)  # loaded whole for lm-eval, streamed again afterwards
+    assert fits.lm_eval == whole.lm_eval and fits.lm_eval["pydoc_cloze"]["acc"] is not None
+    assert all(p.is_meta for layer in streamed.model.layers for p in layer.parameters())
+    monkeypatch.setattr("core.memory.available_bytes", lambda device="cpu": 10 * 2**20)  # 10 MiB free
+    with caplog.at_level("WARNING"):
+        too_big = measure(streamed, tokenizer, settings)
+    assert too_big.lm_eval is None and too_big.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+    assert "lm-eval not run: lm-eval needs the model in memory" in caplog.text
+    streamed.core_stream.close()

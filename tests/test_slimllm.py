@@ -15,7 +15,8 @@ from core.layers import decoder_layers
 from core.methods import METHODS, PruneContext
 from core.pipeline import LayerwiseRunner
 from core.progress import Progress
-from core.scores.slimllm import (contribution_moments, eq11_ratios, feature_space_importance, greedy_search,
+from core.scores.slimllm import (contribution_moments, eq11_ratios, feature_space_importance,
+                                 feature_space_importance_from_outputs, greedy_search,
                                  leave_one_out, pearson_similarity, regression_fit, subset_similarity)
 from core.stats import forward_hooks
 
@@ -211,6 +212,31 @@ def test_feature_space_importance_closed_form():
     torch.testing.assert_close(got.double(), explicit, rtol=1e-5, atol=1e-6)
     plain = feature_space_importance(w, act.norm(dim=0), cov, smooth=False)
     torch.testing.assert_close(plain.double(), act.double().norm(dim=0) * w.double().norm(dim=0), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 6, 10])
+def test_feature_space_importance_from_fewer_outputs_than_features_equals_the_covariance_form(n):
+    """With N <= d tokens the N x N eigenproblem gives the d x d one's Id_j (null space weighted by sigmoid(0))."""
+    g = torch.Generator().manual_seed(5)
+    d, m = 10, 7
+    w = torch.randn(d, m, generator=g)
+    act = torch.randn(n, m, generator=g) * torch.tensor([5.0, 1, 1, 0.01, 1, 1, 3])  # uneven channels
+    f = act @ w.T
+    fc = f.double() - f.double().mean(0)
+    cov = fc.T @ fc
+    lam, vecs = torch.linalg.eigh(cov)
+    s = torch.sigmoid(lam.clamp_min(0) / lam.clamp_min(0).mean().clamp_min(1e-12))
+    explicit = act.double().norm(dim=0) * ((w.double().T @ vecs).abs() * s).norm(dim=1)  # eqs. 5-7 as written
+    got = feature_space_importance_from_outputs(w, act.norm(dim=0), f)
+    torch.testing.assert_close(got.double(), explicit, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, feature_space_importance(w, act.norm(dim=0), cov), rtol=1e-5, atol=1e-6)
+    if n > 1:  # the weighting matters: plain norms rank the channels differently
+        assert not torch.allclose(got, feature_space_importance(w, act.norm(dim=0), None, smooth=False), rtol=1e-3)
+
+
+def test_feature_space_importance_from_outputs_refuses_more_tokens_than_features():
+    with pytest.raises(ValueError, match="tokens > hidden size"):
+        feature_space_importance_from_outputs(torch.randn(4, 3), torch.ones(3), torch.randn(5, 4))
 
 
 def test_regression_is_exact_on_a_linear_relation():

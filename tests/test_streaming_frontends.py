@@ -15,6 +15,7 @@ from conftest import hub_client_online, logits, save_tiny, tiny_model
 from core import Recipe, Target
 from core.memory import GIB, estimate_memory
 from core.model_io import resolve_device
+from core.replay import replay_bytes
 
 LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
@@ -52,6 +53,13 @@ def test_memory_estimate_follows_the_recipe():
     assert more_tokens.hidden_bytes >= 8 * 16 * small.hidden_bytes  # 128x the tokens (and longer masks)
     assert est(method="slimllm", score=None).working_bytes > small.working_bytes  # float64 covariances
     assert est(score="maw").hidden_bytes == 0 < small.hidden_bytes  # weight-only: no calibration data
+
+    def working(n):
+        return est(calibration=core.CalibrationConfig(n_samples=n, seq_len=128)).working_bytes
+
+    # the replay's recordings (core.replay) grow with the tokens while they fit in one block (832 MiB) ...
+    assert working(64) - working(32) == replay_bytes(32 * 128, 4096, 14336, 4)
+    assert working(128) < working(64)  # ... and are not kept beyond it
     assert est(score="maw_range").working_bytes < est(score="vow").working_bytes  # extremes need no float copy
     ppl = est(method="depth", score="ppl_drop")
     assert ppl.logits_bytes > 0 and small.logits_bytes == 0  # whole-model logits need the head

@@ -26,11 +26,13 @@ from ..layer_config import head_dim, layer_shapes
 from ..layers import SKIP_ATTENTION, SKIP_MLP, decoder_layers
 from ..params import count_parameters, unit_costs
 from ..scores.depth import cosine
-from ..scores.slimllm import (channels_to_prune, eq11_ratios, feature_space_importance, greedy_search,
-                              input_terms, leave_one_out, regression_fit)
+from ..scores.slimllm import (channels_to_prune, eq11_ratios, feature_space_importance,
+                              feature_space_importance_from_outputs, greedy_search, input_terms, leave_one_out,
+                              regression_fit)
 from ..stats import ContributionStats, InputNorms, KeptOutputSums, OutputCovariance, collect, linear
 from ..surgery import LayerPlan, enable_bias, prune_layer
 from ..options import option
+from ..replay import MlpReplay
 from . import Method, PruneContext, register_method
 from .slimllm_budget import Allocation, LayerSizes, allocate
 from .width import mlp_tensors
@@ -214,29 +216,50 @@ class SlimLLM(Method):
             _fold(linear(decoder_layers(model, spec)[i], spec, "attention", "o"), a, b if fold_bias else None)
         return {"heads": len(heads), "kv_heads": len(kv), "similarity_ranking": start, "similarity_greedy": best}
 
-    def prune_mlp(self, ctx, opts, runner, i: int, count: int, fold_bias: bool) -> dict:
+    def prune_mlp(self, ctx, opts, runner, i: int, count: int, fold_bias: bool) -> tuple[dict, list | None]:
+        """Prune block i's MLP to `count` fewer channels; returns the report entry and the block's new outputs
+        (None: the caller recomputes them)."""
         model, spec = ctx.model, ctx.spec
         shape = layer_shapes(model.config)[i]
         layer = decoder_layers(model, spec)[i]
         norms, cov = InputNorms(), OutputCovariance()
         in_role = "gate_up" if spec.mlp.fused else "gate"
         down = linear(layer, spec, "mlp", "down")
-        collect(runner, i, {"in": (linear(layer, spec, "mlp", in_role), norms), "down": (down, norms),
-                            "out": (down, cov)})
+        hooks = {"in": (linear(layer, spec, "mlp", in_role), norms), "down": (down, norms)}
+        replay = MlpReplay.start(runner, layer, spec, shape.intermediate_size)
+        if replay is not None:  # the regression and the next block's inputs then need no further forward
+            hooks.update(replay.hooks(layer))
+        # fewer tokens than features: the PCA comes from the recorded outputs (an N x N eigenproblem, not d x d)
+        low_rank = opts.feature_space and replay is not None and runner.num_tokens <= down.out_features
+        if opts.feature_space and not low_rank:
+            hooks["out"] = (down, cov)
+        collect(runner, i, hooks)
         t = mlp_tensors(layer, spec, shape)
-        score = input_terms(t.gate, t.up, norms.norm("in")) + feature_space_importance(
-            t.down, norms.norm("down"), cov.centred(), smooth=opts.feature_space)
+        if low_rank:
+            outputs = torch.cat([x.flatten(0, -2).to(t.down.device, t.down.dtype) @ t.down.T
+                                 for x in replay.down_inputs])
+            importance = feature_space_importance_from_outputs(t.down, norms.norm("down"), outputs)
+            del outputs
+        else:
+            importance = feature_space_importance(t.down, norms.norm("down"), cov.centred() if cov.n else None,
+                                                  smooth=opts.feature_space)
+        score = input_terms(t.gate, t.up, norms.norm("in")) + importance
         pruned = set(channels_to_prune(score.cpu(), count, opts.keep_lowest))
         kept = [j for j in range(shape.intermediate_size) if j not in pruned]
         a = b = None
         if opts.regression:
             sums = KeptOutputSums(kept)
-            collect(runner, i, {"down": (down, sums)})
+            if replay is not None:
+                for inputs in replay.down_inputs:
+                    sums("down", down, (inputs.to(down.weight.device),), None)
+            else:
+                collect(runner, i, {"down": (down, sums)})
             a, b = regression_fit(sums.sx, sums.sy, sums.sxx, sums.sxy, sums.n, fold_bias)
         prune_layer(model, spec, i, LayerPlan(mlp=kept))
         if a is not None:
             _fold(linear(decoder_layers(model, spec)[i], spec, "mlp", "down"), a, b if fold_bias else None)
-        return {"intermediate_size": len(kept)}
+        outputs = replay.outputs(runner, i, kept) if replay is not None else None
+        return {"intermediate_size": len(kept)}, outputs
 
     def run(self, ctx: PruneContext) -> dict:
         opts = self.options(ctx.recipe)
@@ -273,9 +296,11 @@ class SlimLLM(Method):
                      "channels_removed_fraction": c / sizes[i].channels if sizes[i].channels else 0.0}
             if k:
                 entry.update(self.prune_heads(ctx, opts, runner, i, k, folds["attention"] == "scale+bias"))
+            outputs = None
             if c:
-                entry.update(self.prune_mlp(ctx, opts, runner, i, c, folds["mlp"] == "scale+bias"))
-            runner.advance(i)
+                info, outputs = self.prune_mlp(ctx, opts, runner, i, c, folds["mlp"] == "scale+bias")
+                entry.update(info)
+            runner.advance(i, outputs)
             per_layer.append(entry)
             ctx.progress.update("slimllm: pruning", i + 1, n)
         return {"options": {k: getattr(opts, k) for k in opts.__dataclass_fields__}, "average_ratio": rho,

@@ -7,6 +7,7 @@ from ..feasibility import check_rounding
 from ..layer_config import layer_shapes
 from ..layers import SKIP_MLP, decoder_layers
 from ..params import count_parameters, unit_costs
+from ..replay import MlpReplay
 from ..scores import MLP_SCORES
 from ..scores.mlp import MlpTensors
 from ..stats import InputNorms, collect, linear
@@ -77,20 +78,25 @@ class MlpWidth(Method):
                     runner.advance(i)
                 ctx.progress.update("mlp_width", i + 1, n)
                 continue
-            input_norm = act_norm = None
+            input_norm = act_norm = replay = None
             if runner is not None:
                 norms = InputNorms()
                 in_role = "gate_up" if spec.mlp.fused else "gate"
-                collect(runner, i, {"in": (linear(layer, spec, "mlp", in_role), norms),
-                                    "down": (linear(layer, spec, "mlp", "down"), norms)})
+                hooks = {"in": (linear(layer, spec, "mlp", in_role), norms),
+                         "down": (linear(layer, spec, "mlp", "down"), norms)}
+                replay = MlpReplay.start(runner, layer, spec, shape.intermediate_size)
+                if replay is not None:
+                    hooks.update(replay.hooks(layer))
+                collect(runner, i, hooks)
                 input_norm, act_norm = norms.norm("in"), norms.norm("down")
             tensors = mlp_tensors(layer, spec, shape, input_norm, act_norm, ctx.layer_seed(i))
             if score.stats is not None:
                 tensors.extra = score.stats(ctx, i, runner)
             scores = score.fn(tensors)
             del tensors  # no weights held past the block
-            prune_layer(model, spec, i, LayerPlan(mlp=top_k(scores, kept)))
+            channels = top_k(scores, kept)
+            prune_layer(model, spec, i, LayerPlan(mlp=channels))
             if runner is not None:
-                runner.advance(i)
+                runner.advance(i, replay.outputs(runner, i, channels) if replay is not None else None)
             ctx.progress.update("mlp_width", i + 1, n)
         return {"score": score.name}

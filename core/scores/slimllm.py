@@ -122,12 +122,12 @@ def greedy_search(cov: torch.Tensor, scores: torch.Tensor, k: int, groups: torch
     return sorted(kept), start, best
 
 
-def feature_space_importance(w_down: torch.Tensor, act_norm: torch.Tensor, output_cov: torch.Tensor,
+def feature_space_importance(w_down: torch.Tensor, act_norm: torch.Tensor, output_cov: torch.Tensor | None,
                              smooth: bool = True) -> torch.Tensor:
     """Id_j = ||A_j|| * ||D[j, :]||, D_jk = |w_j^T v_k| s_k (eqs. 5-7), computed as ||A_j|| sqrt(w_j^T M w_j).
 
-    w_down: [d, m] (column j = w_j); act_norm: [m]; output_cov: [d, d] centred F^T F of the MLP output.
-    `smooth=False` drops the PCA weighting (M = I), the ablation 'w/o feature space'.
+    w_down: [d, m] (column j = w_j); act_norm: [m]; output_cov: [d, d] centred F^T F of the MLP output (unused, may
+    be None, when `smooth=False`: that drops the PCA weighting (M = I), the ablation 'w/o feature space').
     """
     w = w_down.double()
     if smooth:
@@ -139,6 +139,35 @@ def feature_space_importance(w_down: torch.Tensor, act_norm: torch.Tensor, outpu
     else:
         quad = w.pow(2).sum(dim=0)
     return (act_norm.double() * quad.sqrt()).to(torch.float32)
+
+
+def feature_space_importance_from_outputs(w_down: torch.Tensor, act_norm: torch.Tensor,
+                                         outputs: torch.Tensor) -> torch.Tensor:
+    """`feature_space_importance` from the MLP outputs themselves (F: [N, d], bias excluded), for N <= d tokens.
+
+    The centred covariance F~^T F~ then has rank < N: its non-zero eigenvalues are those of the N x N Gram F~ F~^T
+    (eigh in fp64, N^3 instead of d^3), every other eigenvalue is 0 with weight s = sigmoid(0) = 1/2, so
+    M = I/4 + sum_r (s_r^2 - 1/4) v_r v_r^T with v_r = F~^T u_r / sqrt(lambda_r), and
+    w^T M w = ||w||^2 / 4 + sum_r g_r (u_r^T F~ w)^2, g_r = (s_r^2 - 1/4) / lambda_r (-> 1/(4 mu) as lambda_r -> 0,
+    so no vector of a vanishing eigenvalue is ever formed). The eigenvalues' mean mu runs over all d of them.
+    """
+    w = w_down.double()
+    f = outputs.double()
+    f = f - f.mean(dim=0)
+    n, d = f.shape
+    if n > d:
+        raise ValueError(f"{n} tokens > hidden size {d}: use feature_space_importance with the covariance")
+    lam, u = torch.linalg.eigh(f @ f.T)
+    lam = lam.clamp_min(0)
+    mu = (lam.sum() / d).clamp_min(_EPS)
+    x = lam / mu
+    small = x < 1e-4  # (sigmoid(x)^2 - 1/4) / x = 1/4 + x/16 + O(x^2): no cancellation near 0
+    g = torch.where(small, (0.25 + x / 16) / mu, (torch.sigmoid(x).pow(2) - 0.25) / lam.clamp_min(_EPS))
+    uf = u.T @ f  # [N, d]
+    quad = 0.25 * w.pow(2).sum(dim=0)
+    for start in range(0, w.shape[1], 2048):  # [N, 2048] at a time
+        quad[start:start + 2048] += (g[:, None] * (uf @ w[:, start:start + 2048]).pow(2)).sum(dim=0)
+    return (act_norm.double() * quad.clamp_min(0).sqrt()).to(torch.float32)
 
 
 def input_terms(w_gate: torch.Tensor, w_up: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
