@@ -116,13 +116,15 @@ def _copies_nothing(recipe) -> bool:
     return recipe.method == "mlp_width" and recipe.score in STORED_DTYPE_SCORES
 
 
-def _replays_mlp(recipe) -> bool:
-    """Whether the method records a block's forward to recompute it after MLP pruning (core.replay)."""
-    if recipe is None:
-        return True
+def _method_name(recipe) -> str:
     from .prune import normalize
 
-    return normalize(recipe).method in ("mlp_width", "slimllm")
+    return normalize(recipe).method
+
+
+def _replays_mlp(recipe) -> bool:
+    """Whether the method records a block's forward to recompute it after MLP pruning (core.replay)."""
+    return recipe is None or _method_name(recipe) in ("mlp_width", "slimllm")
 
 
 def _needs_logits(recipe) -> bool:
@@ -169,7 +171,7 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
     if data:  # one batch's activations and attention
         working += b * t * (3 * m + 6 * d) * c + b * heads * t * t * c
     if data and _replays_mlp(recipe):  # recordings for the replay, kept when within the block's size
-        recorded = replay_bytes(tokens, d, m, c)
+        recorded = replay_bytes(tokens, d, m, c, outputs=recipe is not None and _method_name(recipe) == "slimllm")
         working += recorded if recorded <= block * c else 0
     if recipe is not None and recipe.method == "slimllm":
         units = heads if recipe.options.get("head_mode") == "query" else kv

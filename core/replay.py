@@ -25,9 +25,9 @@ from .layers import get_submodule, set_submodule
 from .pipeline import LayerwiseRunner, _device_of, _first
 
 
-def replay_bytes(tokens: int, hidden: int, intermediate: int, element: int) -> int:
-    """Bytes the recordings of one block take."""
-    return tokens * (hidden + intermediate) * element
+def replay_bytes(tokens: int, hidden: int, intermediate: int, element: int, outputs: bool = False) -> int:
+    """Bytes the recordings of one block take (`outputs`: the down projection's output recorded too)."""
+    return tokens * ((2 if outputs else 1) * hidden + intermediate) * element
 
 
 class _Recorded(nn.Module):
@@ -64,21 +64,24 @@ def _device_of_args(args, kwargs) -> torch.device:
 class MlpReplay:
     """Records one calibration forward of a block (see the module doc); `hooks()` go into `stats.collect`."""
 
-    def __init__(self, spec: ArchSpec, store: torch.device) -> None:
-        self.spec, self.store = spec, store
+    def __init__(self, spec: ArchSpec, store: torch.device, outputs: bool = False) -> None:
+        self.spec, self.store, self.keep_outputs = spec, store, outputs
         self.attention: list[torch.Tensor] = []
         self.down_inputs: list[torch.Tensor] = []
+        self.down_outputs: list[torch.Tensor] = []
         self.as_tuple = True
 
     @classmethod
-    def start(cls, runner: LayerwiseRunner, layer: nn.Module, spec: ArchSpec, intermediate: int) -> "MlpReplay | None":
-        """A recorder for block `layer`, or None when its recordings would take more than the block's weights."""
+    def start(cls, runner: LayerwiseRunner, layer: nn.Module, spec: ArchSpec, intermediate: int,
+              outputs: bool = False) -> "MlpReplay | None":
+        """A recorder for block `layer`, or None when its recordings would take more than the block's weights.
+        `outputs`: record the down projection's outputs too (SlimLLM's PCA and regression read them)."""
         element = next(layer.parameters()).element_size()
         block = sum(p.numel() for p in layer.parameters()) * element
         hidden = runner.hidden[0].shape[-1]
-        if replay_bytes(runner.num_tokens, hidden, intermediate, element) > block:
+        if replay_bytes(runner.num_tokens, hidden, intermediate, element, outputs) > block:
             return None
-        return cls(spec, runner.store_device)
+        return cls(spec, runner.store_device, outputs)
 
     def hooks(self, layer: nn.Module) -> dict:
         attention = get_submodule(layer, self.spec.attention.module)
@@ -91,6 +94,8 @@ class MlpReplay:
 
     def _down(self, name, module, inputs, output) -> None:
         self.down_inputs.append(inputs[0].detach().to(self.store))
+        if self.keep_outputs:
+            self.down_outputs.append(_first(output).detach().to(self.store))
 
     @torch.no_grad()
     def outputs(self, runner: LayerwiseRunner, layer_idx: int, kept: list[int]) -> list[torch.Tensor]:
@@ -117,5 +122,5 @@ class MlpReplay:
         finally:
             set_submodule(layer, attention_path, attention)
             set_submodule(layer, mlp_path, mlp)
-        self.attention, self.down_inputs = [], []
+        self.attention, self.down_inputs, self.down_outputs = [], [], []
         return outputs

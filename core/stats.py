@@ -230,3 +230,20 @@ class KeptOutputSums(PairSums):
         w = module.weight.detach().float()
         kept = self.kept.to(a.device)
         self.add(a[:, kept] @ w[:, kept].T, a @ w.T)
+
+    def add_recorded(self, inputs: torch.Tensor, outputs: torch.Tensor, module: nn.Module) -> None:
+        """The same from a recorded input and output of `module` (core.replay): y = the output without its bias
+        (recomputed in float32 when it was recorded in a lower precision), x = y minus the pruned channels' part,
+        a product over the pruned channels instead of two over all of them."""
+        w = module.weight.detach().float()
+        a = inputs.flatten(0, -2).to(w.device).float()
+        if outputs.dtype == torch.float32:
+            y = outputs.flatten(0, -2).to(w.device)
+            if module.bias is not None:
+                y = y - module.bias.detach().float()
+        else:
+            y = a @ w.T
+        pruned = torch.ones(w.shape[1], dtype=torch.bool)
+        pruned[self.kept] = False
+        index = pruned.nonzero().flatten().to(w.device)
+        self.add(y - a[:, index] @ w[:, index].T, y)

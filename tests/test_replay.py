@@ -103,3 +103,21 @@ def test_methods_prune_the_same_with_and_without_the_replay(monkeypatch, method,
     for key in got:
         assert got[key].shape == expected[key].shape, key  # the same channels and heads were kept
         torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("bias,dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+@torch.no_grad()
+def test_kept_output_sums_from_recordings_equal_those_of_a_forward(bias, dtype):
+    from core.stats import KeptOutputSums
+
+    torch.manual_seed(0)
+    down = torch.nn.Linear(12, 5, bias=bias).to(dtype)
+    a = torch.randn(2, 7, 12).to(dtype)
+    kept = [0, 3, 4, 8, 11]
+    hooked, recorded = KeptOutputSums(kept), KeptOutputSums(kept)
+    hooked("down", down, (a,), down(a))
+    recorded.add_recorded(a, down(a), down)
+    assert recorded.n == hooked.n == 14
+    for name in ("sx", "sy", "sxx", "sxy"):
+        torch.testing.assert_close(getattr(recorded, name), getattr(hooked, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert not torch.allclose(hooked.sx, hooked.sy, rtol=1e-2)  # the kept part differs from the whole output

@@ -226,8 +226,8 @@ class SlimLLM(Method):
         in_role = "gate_up" if spec.mlp.fused else "gate"
         down = linear(layer, spec, "mlp", "down")
         hooks = {"in": (linear(layer, spec, "mlp", in_role), norms), "down": (down, norms)}
-        replay = MlpReplay.start(runner, layer, spec, shape.intermediate_size)
-        if replay is not None:  # the regression and the next block's inputs then need no further forward
+        replay = MlpReplay.start(runner, layer, spec, shape.intermediate_size, outputs=True)
+        if replay is not None:  # the PCA, the regression and the next block's inputs then need no further forward
             hooks.update(replay.hooks(layer))
         # fewer tokens than features: the PCA comes from the recorded outputs (an N x N eigenproblem, not d x d)
         low_rank = opts.feature_space and replay is not None and runner.num_tokens <= down.out_features
@@ -235,9 +235,8 @@ class SlimLLM(Method):
             hooks["out"] = (down, cov)
         collect(runner, i, hooks)
         t = mlp_tensors(layer, spec, shape)
-        if low_rank:
-            outputs = torch.cat([x.flatten(0, -2).to(t.down.device, t.down.dtype) @ t.down.T
-                                 for x in replay.down_inputs])
+        if low_rank:  # the centring removes a bias: the outputs are taken as recorded
+            outputs = torch.cat([y.flatten(0, -2).to(t.down.device) for y in replay.down_outputs])
             importance = feature_space_importance_from_outputs(t.down, norms.norm("down"), outputs)
             del outputs
         else:
@@ -250,8 +249,8 @@ class SlimLLM(Method):
         if opts.regression:
             sums = KeptOutputSums(kept)
             if replay is not None:
-                for inputs in replay.down_inputs:
-                    sums("down", down, (inputs.to(down.weight.device),), None)
+                for inputs, outputs in zip(replay.down_inputs, replay.down_outputs):
+                    sums.add_recorded(inputs, outputs, down)
             else:
                 collect(runner, i, {"down": (down, sums)})
             a, b = regression_fit(sums.sx, sums.sy, sums.sxx, sums.sxy, sums.n, fold_bias)
