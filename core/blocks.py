@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from .architectures import ArchSpec
 from .errors import ModelLoadError
+from .staging import remove_stale, staged_name
 from .layer_config import layer_config, layer_shapes
 from .layers import apply_skips, decoder_layer_class, decoder_layers
 from .weights import SINGLE_FILE, Checkpoint, rename_tensors, write_index, write_shard
@@ -124,8 +124,10 @@ class BlockStore:
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(folder), True)
 
     def _work_file(self, kind: str) -> Path:
-        if self.work is None:
-            self.use_work_folder(Path(tempfile.gettempdir()) / f"core-stream-{uuid.uuid4().hex[:12]}")
+        if self.work is None:  # named like a staged output, so a later run removes it if this process is killed
+            temp = Path(tempfile.gettempdir())
+            remove_stale(temp)
+            self.use_work_folder(staged_name(temp / "core-stream"))
         folder = self.work / kind
         folder.mkdir(exist_ok=True)
         return folder / f"block-{next(self._count):06d}.safetensors"

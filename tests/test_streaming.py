@@ -329,3 +329,26 @@ def test_recipes_that_need_the_whole_model_are_loaded_whole(tiny_dir, case, stre
     if not streams:
         with pytest.raises(core.errors.RecipeError, match="cannot stream"):
             core.run_recipe(recipe.replace(model=str(tiny_dir("llama"))), stream=True)
+
+
+def test_the_next_streamed_prune_removes_the_work_folder_of_a_killed_run(tiny_dir, tmp_path, monkeypatch):
+    """A run killed with SIGKILL cannot delete its work folder (blocks written under the temp folder when there is
+    no output folder yet); its name carries the process id, so the next streamed prune removes it."""
+    import os
+    import subprocess
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f".core-stream.{gone.pid}.0123456789ab.tmp"
+    (left / "blocks").mkdir(parents=True)
+    (left / "blocks" / "block-000000.safetensors").write_bytes(b"x" * 100)
+    running = tmp_path / f".core-stream.{os.getppid()}.0123456789ab.tmp"  # a live process's: kept
+    running.mkdir()
+    result = core.run_recipe(Recipe(model=str(tiny_dir("llama")), method="maw", target=Target(ratio=0.5)))
+    work = result.model.core_stream.work
+    assert work.parent == tmp_path and work.name.startswith(f".core-stream.{os.getpid()}.")
+    assert not left.exists() and running.is_dir()
+    result.model.core_stream.close()
+    assert not work.exists()

@@ -229,8 +229,9 @@ class SlimLLM(Method):
         replay = MlpReplay.start(runner, layer, spec, shape.intermediate_size, outputs=True)
         if replay is not None:  # the PCA, the regression and the next block's inputs then need no further forward
             hooks.update(replay.hooks(layer))
-        # fewer tokens than features: the PCA comes from the recorded outputs (an N x N eigenproblem, not d x d)
-        low_rank = opts.feature_space and replay is not None and runner.num_tokens <= down.out_features
+        # fewer tokens than features: the PCA comes from the recorded outputs (an N x N eigenproblem, not d x d;
+        # cheaper up to about 0.8 d tokens, where the N x N products catch up with the d x d eigh they replace)
+        low_rank = opts.feature_space and replay is not None and 5 * runner.num_tokens <= 4 * down.out_features
         if opts.feature_space and not low_rank:
             hooks["out"] = (down, cov)
         collect(runner, i, hooks)

@@ -129,16 +129,24 @@ def feature_space_importance(w_down: torch.Tensor, act_norm: torch.Tensor, outpu
     w_down: [d, m] (column j = w_j); act_norm: [m]; output_cov: [d, d] centred F^T F of the MLP output (unused, may
     be None, when `smooth=False`: that drops the PCA weighting (M = I), the ablation 'w/o feature space').
     """
-    w = w_down.double()
     if smooth:
         lam, vecs = torch.linalg.eigh(output_cov.double())
         lam = lam.clamp_min(0)
         s = torch.sigmoid(lam / lam.mean().clamp_min(_EPS))
-        proj = (vecs.T @ w) * s[:, None]  # [d(components), m]
-        quad = proj.pow(2).sum(dim=0)
+        quad = _sum_of_squares(vecs.T * s[:, None], w_down)  # ||diag(s) V^T w_j||^2
     else:
-        quad = w.pow(2).sum(dim=0)
+        quad = w_down.double().pow(2).sum(dim=0)
     return (act_norm.double() * quad.sqrt()).to(torch.float32)
+
+
+def _sum_of_squares(rows: torch.Tensor, w: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """sum_r (rows[r] . w[:, j])^2 for every column j: the projections in float32 (the largest product of the
+    method; the eigenvectors come from a float64 eigh), their squares summed in float64, `chunk` columns at a time."""
+    left = rows.float()
+    out = torch.empty(w.shape[1], dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[1], chunk):
+        out[start:start + chunk] = (left @ w[:, start:start + chunk].float()).double().pow(2).sum(dim=0)
+    return out
 
 
 def feature_space_importance_from_outputs(w_down: torch.Tensor, act_norm: torch.Tensor,
@@ -163,10 +171,7 @@ def feature_space_importance_from_outputs(w_down: torch.Tensor, act_norm: torch.
     x = lam / mu
     small = x < 1e-4  # (sigmoid(x)^2 - 1/4) / x = 1/4 + x/16 + O(x^2): no cancellation near 0
     g = torch.where(small, (0.25 + x / 16) / mu, (torch.sigmoid(x).pow(2) - 0.25) / lam.clamp_min(_EPS))
-    uf = u.T @ f  # [N, d]
-    quad = 0.25 * w.pow(2).sum(dim=0)
-    for start in range(0, w.shape[1], 2048):  # [N, 2048] at a time
-        quad[start:start + 2048] += (g[:, None] * (uf @ w[:, start:start + 2048]).pow(2)).sum(dim=0)
+    quad = 0.25 * w.pow(2).sum(dim=0) + _sum_of_squares((u * g.sqrt()).T @ f, w_down)  # g >= 0: s_r >= 1/2
     return (act_norm.double() * quad.clamp_min(0).sqrt()).to(torch.float32)
 
 
