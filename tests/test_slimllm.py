@@ -234,6 +234,30 @@ def test_feature_space_importance_from_fewer_outputs_than_features_equals_the_co
         assert not torch.allclose(got, feature_space_importance(w, act.norm(dim=0), None, smooth=False), rtol=1e-3)
 
 
+def test_feature_space_importance_from_outputs_with_a_nearly_silent_direction():
+    """An output direction with almost no variance (lambda / mean = 5e-5, where the small-eigenvalue form of g is
+    used) and small output weights (w^T M w < 1): both forms still agree to float32 precision."""
+    g = torch.Generator().manual_seed(6)
+    n, d, m = 6, 10, 7
+    basis_t = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    basis_d = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    centre = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    lam = torch.tensor([40.0, 9.0, 4.0, 1.0, 0.0])
+    mu = lam.sum() / d
+    lam[4] = 5e-5 * mu  # the nearly silent direction, still far above rounding
+    left = centre @ basis_t[:, :5]
+    left = torch.linalg.qr(left)[0]  # orthonormal, centred columns
+    f = (left * lam.double().sqrt()) @ basis_d[:, :5].T + 3.0  # a constant offset: the centring removes it
+    w = 0.05 * torch.randn(d, m, generator=g)
+    act = torch.rand(m, generator=g) + 0.5
+    fc = f - f.mean(0)
+    cov = fc.T @ fc
+    got = feature_space_importance_from_outputs(w, act, f.float())
+    expected = feature_space_importance(w, act, cov)
+    assert (got / act).pow(2).max() < 0.05  # w^T M w well below 1
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=0)
+
+
 def test_feature_space_importance_from_outputs_refuses_more_tokens_than_features():
     with pytest.raises(ValueError, match="tokens > hidden size"):
         feature_space_importance_from_outputs(torch.randn(4, 3), torch.ones(3), torch.randn(5, 4))

@@ -161,6 +161,90 @@ def test_sparsegpt_shared_equals_one_linear_at_a_time():
                 assert int((new == 0).sum()) == round(ratio * w.numel())
 
 
+def _reference_sparsegpt(w, gram, pattern, ratio, block, damp=0.01):
+    """SparseGPT as the paper writes it (Algorithm 1), in float64: the explicit inverse Hessian's upper Cholesky
+    factor U, the mask of each column block chosen once (unstructured: the block's share of the lowest w^2 / U_jj^2;
+    N:M: each group of M columns when the loop reaches it, from the updated weights) and every later column updated
+    as soon as a column is done (no lazy batching, no blocked substitution)."""
+    w, h = w.double().clone(), gram.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0
+    h += damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    rows, cols = w.shape
+    mask = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        if not pattern.structured:
+            k = round(ratio * rows * i2) - round(ratio * rows * i1)
+            score = (w[:, i1:i2].pow(2) / u.diagonal()[i1:i2].pow(2)).flatten()
+            chosen = torch.zeros(score.numel(), dtype=torch.bool)
+            chosen[torch.argsort(score, stable=True)[:k]] = True
+            mask[:, i1:i2] = chosen.view(rows, i2 - i1)
+        for j in range(i1, i2):
+            if pattern.structured and j % pattern.m == 0:
+                score = w[:, j:j + pattern.m].pow(2) / u.diagonal()[j:j + pattern.m].pow(2)
+                keep = torch.argsort(score, dim=1, descending=True, stable=True)[:, :pattern.n]
+                mask[:, j:j + pattern.m] = True
+                mask[:, j:j + pattern.m].scatter_(1, keep, False)
+            err = w[:, j] * mask[:, j] / u[j, j]
+            w[:, j:] -= torch.outer(err, u[j, j:])
+    return (w * ~mask).float(), mask
+
+
+@pytest.mark.parametrize("pattern,ratio", [(Pattern(), 0.5), (Pattern(), 0.3), (Pattern(2, 4), 0.5),
+                                           (Pattern(4, 8), 0.5)])
+def test_sparsegpt_equals_the_papers_algorithm(pattern, ratio):
+    """The blocked, inverse-free solver chooses the same weights and gives the same values as Algorithm 1 written
+    out, with a dead input, across several column blocks (104 columns in blocks of 32 or 48, the last one partial)
+    and the sub-blocks of 32 columns inside `_prune_block`."""
+    x, w = _data(5, d=104, out=12)  # 104 columns: the last block is a partial one
+    x[:, 7] = 0
+    for block in (32, 48):
+        expected, pruned = _reference_sparsegpt(w, x.T @ x, pattern, ratio, block)
+        got = sparsegpt(w, x.T @ x, pattern, ratio, block_size=block)
+        assert torch.equal(got == 0, pruned | (w == 0) | (expected == 0)), block
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert (got[:, 7] == 0).all()
+
+
+def test_hessian_factor_raises_the_dampening_until_the_factorisation_succeeds():
+    """An indefinite Hessian (eigenvalues -2 and 4): lambda = 0.01 mean(diag) is retried at 10x, 100x, 1000x; the
+    first that makes H + lambda I positive definite (1000x: eigenvalues 8 and 14) is what the factor holds."""
+    gram = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
+    factor = hessian_factor(gram, damp=0.01)
+    lower = factor.lower
+    rebuilt = torch.flip(lower @ lower.T, (0, 1))  # R R^T = H + lambda I
+    torch.testing.assert_close(rebuilt, gram + 10.0 * torch.eye(2), rtol=1e-5, atol=1e-5)
+    assert not factor.dead.any()
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
+        hessian_factor(torch.tensor([[1.0, 1e7], [1e7, 1.0]]), damp=0.01)
+
+
+def test_lowest_and_group_selection_break_ties_by_the_lower_index():
+    from core.scores.sparsity import _group_pruned, _lowest
+
+    assert _lowest(torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0]), 2).tolist() == [True, True, False, False, False]
+    assert _lowest(torch.tensor([2.0, 2.0, 1.0, 2.0]), 3).tolist() == [True, True, True, False]
+    for m in (4, 300):  # pairwise ranks for small groups, a sort above 255 (ranks would not fit in uint8)
+        scores = torch.rand(m, 3, generator=torch.Generator().manual_seed(m))
+        scores[1] = scores[0]  # a tie: row 0 ranks above row 1
+        expected = torch.ones(m, 3, dtype=torch.bool)
+        expected.scatter_(0, torch.argsort(-scores, dim=0, stable=True)[:2], False)
+        assert torch.equal(_group_pruned(scores, 2), expected), m
+
+
+def test_sparsity_scores_equal_their_definitions():
+    from core.scores.sparsity import magnitude, taylor
+
+    w = torch.tensor([[1.0, -3.0, 0.5], [-0.2, 2.0, -4.0]])
+    assert torch.equal(magnitude(LinearTensors(w)), w.abs())  # a large negative weight is kept
+    sq = torch.tensor([[4.0, 9.0, 0.25], [1.0, 16.0, 0.0]])
+    assert torch.equal(taylor(LinearTensors(w, taylor_sq=sq)), sq.sqrt())
+    assert Pattern().ratio == 0.0 and not Pattern().structured and Pattern(2, 4).ratio == 0.5
+
+
 # -- the method in the pipeline -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
