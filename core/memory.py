@@ -8,8 +8,8 @@ The streamed path (core.streaming) holds one decoder block at a time, so its pea
 where the block's working set is the block in the compute dtype, the rebuilt block surgery makes next to it, its
 copy in the source dtype while it is written, the float copies a score makes of the largest projections, one
 batch's activations, the method's statistics and, for MLP pruning with data, the recordings of the calibration
-forward that spare a second one (core.replay; at most the block's size). The in-memory path holds the whole model in the compute dtype
-plus the same working set. Figures are estimates (within ~20% of the benchmarks in bench/results); they are meant
+forward that spare a second one (core.replay; at most the block's size). The in-memory path holds the whole model
+in the compute dtype plus the same working set. Figures are estimates (within ~20% of the benchmarks in bench/results); they are meant
 for planning, not as limits.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .layer_config import head_dim, layer_shapes
-from .replay import replay_bytes
+from .replay import kept_bytes
 
 GIB = 2**30
 RUNTIME = {"cpu": int(0.7 * GIB), "cuda": int(0.6 * GIB)}  # Python + torch + transformers; CUDA context on GPU
@@ -116,17 +116,6 @@ def _copies_nothing(recipe) -> bool:
     return recipe.method == "mlp_width" and recipe.score in STORED_DTYPE_SCORES
 
 
-def _method_name(recipe) -> str:
-    from .prune import normalize
-
-    return normalize(recipe).method
-
-
-def _replays_mlp(recipe) -> bool:
-    """Whether the method records a block's forward to recompute it after MLP pruning (core.replay)."""
-    return recipe is None or _method_name(recipe) in ("mlp_width", "slimllm")
-
-
 def _needs_logits(recipe) -> bool:
     if recipe is None or recipe.method != "depth":
         return False
@@ -144,6 +133,7 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
     from .architectures import spec_for_config
     from .model_io import build_empty
     from .params import count_parameters
+    from .prune import normalize
 
     kind = "cpu" if str(device).startswith("cpu") else "cuda"
     source = _dtype_name(getattr(config, "dtype", None) or "bfloat16")
@@ -170,9 +160,9 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
                + (0 if _copies_nothing(recipe) else 2 * largest * 4))  # float copies and temporaries of scores
     if data:  # one batch's activations and attention
         working += b * t * (3 * m + 6 * d) * c + b * heads * t * t * c
-    if data and _replays_mlp(recipe):  # recordings for the replay, kept when within the block's size
-        recorded = replay_bytes(tokens, d, m, c, outputs=recipe is not None and _method_name(recipe) == "slimllm")
-        working += recorded if recorded <= block * c else 0
+    method = normalize(recipe).method if recipe is not None else None
+    if data and method in (None, "mlp_width", "slimllm"):  # the replay's recordings (core.replay)
+        working += kept_bytes(tokens, d, m, c, block, outputs=method == "slimllm")
     if recipe is not None and recipe.method == "slimllm":
         units = heads if recipe.options.get("head_mode") == "query" else kv
         working += 2 * d * d * 8 + d * units * units * 8 + units * b * t * d * 4  # fp64 covariances, contributions

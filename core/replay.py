@@ -30,6 +30,14 @@ def replay_bytes(tokens: int, hidden: int, intermediate: int, element: int, outp
     return tokens * ((2 if outputs else 1) * hidden + intermediate) * element
 
 
+def kept_bytes(tokens: int, hidden: int, intermediate: int, element: int, block_params: int,
+               outputs: bool = False) -> int:
+    """Bytes of recordings a block of `block_params` parameters keeps: all of them when they take at most the
+    block's own size, else none (the one rule `MlpReplay.start` and core.memory follow)."""
+    recorded = replay_bytes(tokens, hidden, intermediate, element, outputs)
+    return recorded if recorded <= block_params * element else 0
+
+
 class _Recorded(nn.Module):
     """Takes the attention module's place: returns what it returned for this batch."""
 
@@ -77,9 +85,8 @@ class MlpReplay:
         """A recorder for block `layer`, or None when its recordings would take more than the block's weights.
         `outputs`: record the down projection's outputs too (SlimLLM's PCA and regression read them)."""
         element = next(layer.parameters()).element_size()
-        block = sum(p.numel() for p in layer.parameters()) * element
-        hidden = runner.hidden[0].shape[-1]
-        if replay_bytes(runner.num_tokens, hidden, intermediate, element, outputs) > block:
+        block = sum(p.numel() for p in layer.parameters())
+        if not kept_bytes(runner.num_tokens, runner.hidden[0].shape[-1], intermediate, element, block, outputs):
             return None
         return cls(spec, runner.store_device, outputs)
 
