@@ -206,12 +206,15 @@ class Sparsity(Method):
     def _collect(self, ctx, runner, i: int, layer: nn.Module, groups: list[dict[str, nn.Module]], score,
                  opts) -> dict:
         """Calibration statistics of the groups' linears (one pass over block i): {path: LinearTensors fields}.
-        Input statistics are collected once per group (its linears share their input)."""
+        Input statistics are collected once per group (its linears share their input), by a forward that stops
+        after the last watched linear (groups come in the block's execution order)."""
         modules = {p: m for g in groups for p, m in g.items()}
         first = {p: next(iter(g)) for g in groups for p in g}
         if score.name in ("wanda", "sparsegpt"):
             stats = InputNorms() if score.name == "wanda" else InputGram()
-            collect(runner, i, {p: (m, stats) for g in groups for p, m in list(g.items())[:1]})
+            hooks = {p: (m, stats) for g in groups for p, m in list(g.items())[:1]}
+            # the forward ends at the last watched linear: an attention pass runs no MLP
+            collect(runner, i, hooks, stop_after=list(hooks.values())[-1][0])
             if score.name == "wanda":
                 return {p: {"input_norm": stats.norm(first[p])} for p in modules}
             return {p: {"gram": stats.gram[first[p]]} for p in modules}

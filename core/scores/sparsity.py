@@ -251,16 +251,16 @@ def sparsegpt_shared(weights: list[torch.Tensor], factor: HessianFactor, pattern
         block = slice(i1, i2)
         u11 = torch.linalg.solve_triangular(factor.r(block, block), eye[:i2 - i1, :i2 - i1], upper=True)
         w1t = w[:, block].contiguous().T.contiguous()  # in two steps: several times faster than one strided copy
-        t = None
-        if i1:
-            t = z[:, :i1] @ factor.r(slice(0, i1), block)
-            w1t.addmm_(u11.T, t.T)
+        v = None
+        if i1:  # V = T U_kk with T = Z_<k R_<k,k: W_k += V, and Z_k = E_k U_kk - V below
+            v = (z[:, :i1] @ factor.r(slice(0, i1), block)) @ u11
+            w1t.add_(v.T)
         quotas = [] if pattern.structured else \
             [(r1, r2, _block_quota(i1, i2, r2 - r1, ratio)) for r1, r2 in zip(edges, edges[1:])]
         err = _prune_block(w1t, u11, pattern, quotas)
         w[:, block] = w1t.T.contiguous()
         zb = torch.mm(err.T, u11)
-        z[:, block] = zb if t is None else zb.addmm_(t, u11, alpha=-1)
+        z[:, block] = zb if v is None else zb.sub_(v)
     del z
     return list(w.split(sizes))
 
