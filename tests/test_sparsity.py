@@ -72,15 +72,22 @@ def test_ratio_mask_counts_per_layer_and_per_row():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_global_threshold_is_exact_with_ties(dtype):
+@pytest.mark.parametrize("zeros", [0, 300])  # exact zeros (an already sparse model): the lowest histogram bin
+def test_global_threshold_is_exact_with_ties(dtype, zeros):
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(40, 50, generator=g).to(dtype) for _ in range(3)]
     tensors[1][:5, :5] = 0.25  # planted ties around the threshold
+    tensors[1][5, :10] = torch.nextafter(torch.tensor(0.25), torch.tensor(1.0))  # low 16 bits 1 (0.25: 0)
+    tensors[2].view(-1)[torch.randperm(2000, generator=g)[:zeros]] = 0
+    tensors[0].view(-1)[:20] = 1e-40  # subnormal: high bits 1, the bin after the zeros
     flat = torch.cat([t.float().abs().flatten() for t in tensors])
-    for k in (0, 1, 3000, int((flat < 0.25).sum()) + 7, flat.numel() - 1):
+    below = int((flat < 0.25).sum())
+    for k in (0, 1, zeros // 2, zeros + 5, 3000, below + 7, below + 28, flat.numel() - 1):
         th = GlobalThreshold(k)
         for t in tensors:
             th.count(t)
+        # bfloat16 weights have no low 16 bits: the second pass is skipped
+        assert th.needs_refine == (k > 0 and dtype == torch.float32)
         if th.needs_refine:
             for t in tensors:
                 th.refine(t)

@@ -149,9 +149,7 @@ def _recorder(store: dict, block: bool):
         else:
             update = out
         store["update_norm"].append(update.detach().float().norm(dim=-1).flatten().cpu())
-        if out.requires_grad:
-            out.register_hook(lambda g: store["grad_norm"].append(g.detach().float().norm(dim=-1).flatten().cpu()))
-        else:
-            store["grad_norm"].append(torch.zeros(update.shape[:-1]).flatten())
+        # the unit's own weights require gradients, so its output always does
+        out.register_hook(lambda g: store["grad_norm"].append(g.detach().float().norm(dim=-1).flatten().cpu()))
 
     return hook
