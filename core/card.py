@@ -52,9 +52,20 @@ SUBLAYER_WARNING = ("Some layers have their attention or MLP removed. Plain `Aut
                     "weights (its load report lists them as missing). Load this model with `core.load_pruned`.")
 
 
-def reload_note(summary: dict) -> str:
-    """One line on how the checkpoint reloads (for the CLI output and the card), from `PruneResult.summary()`."""
+COMPRESSED_WARNING = ("The sparse linears are stored in compressed-tensors' bitmask layout, which transformers 5 no "
+                      "longer decompresses: without compressed-tensors plain `AutoModelForCausalLM.from_pretrained` "
+                      "refuses this checkpoint, and with compressed-tensors >= 0.15 it silently fills every sparse "
+                      "linear with random weights (its load report lists them as missing). Load it with "
+                      "`core.load_pruned`.")
+
+
+def reload_note(summary: dict, sparse_format: str = "dense") -> str:
+    """One line on how the checkpoint reloads (for the CLI output and the card), from `PruneResult.summary()` and
+    the format its sparse weights were written in."""
     layers = summary["layers"]
+    if sparse_format == "compressed":
+        return ("compressed sparse weights: load with core.load_pruned (plain transformers 5 cannot decompress "
+                "them; with compressed-tensors installed it would fill them with random weights)")
     if summary["uniform"]:
         return "uniform: loads with AutoModelForCausalLM.from_pretrained"
     if any(layer.get("skip") for layer in layers):
@@ -169,7 +180,10 @@ def model_card(summary: dict, recipe_yaml: str, repo_name: str, load_snippet: st
         f"| {l['layer']} | {l['num_attention_heads']} | {l['num_key_value_heads']} | {l['intermediate_size']} | "
         f"{', '.join(l.get('skip', [])) or '-'} |" for l in layers)
     before, after = summary["params_before"], summary["params_after"]
-    warning = f"\n> **Warning:** {SUBLAYER_WARNING}\n" if any(l.get("skip") for l in layers) else ""
+    sparse_format = summary.get("sparse_format", "dense")
+    warnings = [w for w, on in ((SUBLAYER_WARNING, any(l.get("skip") for l in layers)),
+                                (COMPRESSED_WARNING, sparse_format == "compressed")) if on]
+    warning = "".join(f"\n> **Warning:** {w}\n" for w in warnings)
     content = f"""---
 {data.to_yaml()}
 ---
@@ -192,7 +206,7 @@ A {"structurally " if "sparsity" not in summary else ""}pruned version of `{base
 - Attention parameters: {_fmt(summary['attention_params'][0])} -> {_fmt(summary['attention_params'][1])}
 - MLP parameters: {_fmt(summary['mlp_params'][0])} -> {_fmt(summary['mlp_params'][1])}
 - Calibration data: {summary.get('calibration') or 'none (weights only)'}
-- Checkpoint layout: {'uniform (plain transformers)' if summary['uniform'] else 'per-layer sizes in `per_layer_config`'}: {reload_note(summary)}
+- Checkpoint layout: {'compressed sparse weights' if sparse_format == 'compressed' else 'uniform (plain transformers)' if summary['uniform'] else 'per-layer sizes in `per_layer_config`'}: {reload_note(summary, sparse_format)}
 
 | layer | query heads | KV heads | MLP width | removed sub-layers |
 |---|---|---|---|---|

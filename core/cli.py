@@ -328,7 +328,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         f"layers      {summary['num_layers'][0]} -> {summary['num_layers'][1]}",
         *([f"sparsity    {summary['sparsity']['sparsity']:.1%} of the decoder-block linear weights are zero "
            f"({sparse_format} weights)"] if "sparsity" in summary else []),
-        f"layout      {reload_note(summary)}",
+        f"layout      {reload_note(summary, sparse_format)}",
         f"time        {summary['prune_seconds']:.1f} s",
         f"written to  {out}",
     ] + recover_cli.finished(result, folder)

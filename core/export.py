@@ -166,7 +166,8 @@ def _write(result: PruneResult, folder: Path, max_shard_size: str, repo_name: st
     recipe_yaml = yaml.safe_dump(doc, sort_keys=False)
     (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     summary = dict(doc["result"], method=result.recipe.method, score=result.recipe.score,
-                   license=base_license(result.base_model, result.base_revision), stages=stage_names(result.recipe))
+                   license=base_license(result.base_model, result.base_revision), stages=stage_names(result.recipe),
+                   sparse_format=sparse_format)
     card = model_card(summary, yaml.safe_dump(public_recipe(result.recipe, final_folder), sort_keys=False), repo_name,
                       load_snippet(result, repo_name, sparse_format))
     if "sparsity" in doc["result"]:

@@ -311,6 +311,12 @@ def test_cli_then_compressed_and_inspect(tmp_path, src, capsys):
                  "sparsity score=magnitude pattern=2:4", "--compressed", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "mlp_width (maw) -> sparsity (magnitude, 2:4)" in text and "compressed weights" in text
+    # transformers 5 cannot decompress the layout: the CLI and the card say to load it with core.load_pruned
+    layout = next(line for line in text.splitlines() if line.startswith("layout"))
+    assert "core.load_pruned" in layout and "from_pretrained" not in layout
+    card = (out / "README.md").read_text()
+    assert "Checkpoint layout: compressed sparse weights" in card and "random weights" in card
+    assert "AutoModelForCausalLM.from_pretrained(" not in card
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["sparsity"]["format"] == "sparse-24-bitmask"
