@@ -1,5 +1,5 @@
 """`python -m hub_bot demo` end to end (about a minute on CPU). Marked slow: the default run leaves it out and
-.ci/run runs it in its slow step (`python -m pytest -q -m slow`)."""
+.ci/run runs it in its slow step (`python -m pytest -q -m slow -n 2 --dist loadfile`)."""
 from __future__ import annotations
 
 import os
