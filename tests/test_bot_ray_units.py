@@ -161,8 +161,15 @@ def test_store_claims_one_job_per_target_and_takes_reports_from_the_holder_only(
     with sqlite3.connect(path) as conn:  # a database of schema 2 (before runner and progress)
         columns = "\n".join(ln for ln in _COLUMNS.splitlines() if not ln.strip().startswith(("runner", "progress")))
         conn.execute(f"CREATE TABLE jobs ({columns})")
+        conn.execute("INSERT INTO jobs (source_repo, source_sha, recipe_hash, recipe_name, recipe_yaml, publish, "
+                     "target_repo, source_private, state, lease_owner, lease_expires, created_target, "
+                     "next_attempt_at, created_at, updated_at) VALUES ('carol/private', ?, 'r0', 'r0', 'm', 'repo', "
+                     "'carol/private-r0', 1, 'failed', 'old-bot', 5.0, 1, 0, 0, 0)", ("c" * 40,))
         conn.execute("PRAGMA user_version = 2")
     store = JobStore(path)
+    # schema 2 -> 3 adds columns and keeps what schema 2 already had (schema 1's rebuild would drop these)
+    old = store.get(1)
+    assert (old.source_private, old.created_target, old.lease_owner, old.lease_expires) == (True, True, "old-bot", 5.0)
     for recipe, target in (("r1", "alice/llama"), ("r2", "Alice/Llama"), ("r3", "pruners/other")):
         store.enqueue(job(recipe, target))
     first = store.claim("ray:a", 60, one_per_target=True)

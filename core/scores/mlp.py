@@ -19,12 +19,11 @@ class MlpTensors:
     """
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                 input_norm: torch.Tensor | None = None, act_norm: torch.Tensor | None = None, seed: int = 0,
-                 extra: dict | None = None) -> None:
+                 input_norm: torch.Tensor | None = None, act_norm: torch.Tensor | None = None, seed: int = 0) -> None:
         self._stored = {"gate": gate, "up": up, "down": down}
         self._float: dict[str, torch.Tensor] = {}
         self.input_norm, self.act_norm, self.seed = input_norm, act_norm, seed
-        self.extra = {} if extra is None else extra  # what a score's `stats` collected (e.g. gradients)
+        self.extra: dict = {}  # what a score's `stats` collected (e.g. gradients), set by the method
 
     def stored(self, name: str) -> torch.Tensor:
         return self._stored[name]
