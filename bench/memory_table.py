@@ -28,6 +28,10 @@ def main() -> None:
         "activation": Recipe(method="activation", target=Target(param_ratio=0.2)),
         "slimllm": Recipe(method="slimllm", target=Target(param_ratio=0.2)),
         "depth, ppl_drop": Recipe(method="depth", score="ppl_drop", target=Target(ratio=0.25)),
+        "sparsity, wanda 2:4": Recipe(method="sparsity", score="wanda", target=Target(ratio=0.5),
+                                      options={"pattern": "2:4"}),
+        "sparsity, sparsegpt 2:4": Recipe(method="sparsity", score="sparsegpt", target=Target(ratio=0.5),
+                                          options={"pattern": "2:4"}),
     }
     print("| model (Llama-3 shapes) | parameters | method | CPU streamed (fp32) | CPU loaded whole (fp32) | "
           "GPU streamed (bf16) | GPU loaded whole (bf16) | disk (bf16) |")

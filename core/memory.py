@@ -126,6 +126,18 @@ def _needs_logits(recipe) -> bool:
     return score in DEPTH_SCORES and DEPTH_SCORES.get(score).kind == "subnetwork"
 
 
+def _sparsegpt_bytes(recipe, d: int, m: int, q: int, kv: int) -> int:
+    """What SparseGPT holds at the peak of a block (`core.methods.sparsity`, `core.scores.sparsity`): a branch's
+    pass keeps the float32 Grams of its linears' inputs, and each group of linears that share an input then adds
+    one Cholesky factor of its Gram and the float32 stacked weights with their Z = E R^-1. d: hidden size, m: MLP
+    width, q / kv: the query / key-value projection widths. 0 unless a stage runs SparseGPT."""
+    if recipe is None or not any(s.method == "sparsity" and s.score == "sparsegpt" for s in recipe.stages()):
+        return 0
+    attention = d * d + q * q + max(d * d + 2 * (q + 2 * kv) * d, q * q + 2 * d * q)  # q/k/v, then o
+    mlp = d * d + m * m + max(d * d + 4 * m * d, m * m + 2 * d * m)  # gate/up, then down
+    return 4 * max(attention, mlp)
+
+
 def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto",
                     offload_hidden: bool = False) -> MemoryEstimate:
     """The memory a prune of the model described by `config` needs with `recipe` (None: a data-driven score with
@@ -163,6 +175,7 @@ def estimate_memory(config, recipe=None, device: str = "cpu", dtype: str = "auto
     method = normalize(recipe).method if recipe is not None else None
     if data and method in (None, "mlp_width", "slimllm"):  # the replay's recordings (core.replay)
         working += kept_bytes(tokens, d, m, c, block, outputs=method == "slimllm")
+    working += _sparsegpt_bytes(recipe, d, m, heads * dh, kv * dh)
     if recipe is not None and recipe.method == "slimllm":
         units = heads if recipe.options.get("head_mode") == "query" else kv
         working += 2 * d * d * 8 + d * units * units * 8 + units * b * t * d * 4  # fp64 covariances, contributions

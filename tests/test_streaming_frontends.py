@@ -61,6 +61,14 @@ def test_memory_estimate_follows_the_recipe():
     assert working(64) - working(32) == replay_bytes(32 * 128, 4096, 14336, 4)
     assert working(128) < working(64)  # ... and are not kept beyond it
     assert est(score="maw_range").working_bytes < est(score="vow").working_bytes  # extremes need no float copy
+    # SparseGPT's MLP pass holds the gate/up and down Grams, then the down Hessian's factor, the down weights in
+    # float32 and their Z: 4 bytes x (d^2 + m^2 + m^2 + 2 d m) more than Wanda, also as a later stage
+    d, m = 4096, 14336
+    two_four = dict(method="sparsity", target=Target(ratio=0.5), options={"pattern": "2:4"})
+    hessians = 4 * (d * d + 2 * m * m + 2 * d * m)
+    assert est(score="sparsegpt", **two_four).working_bytes - est(score="wanda", **two_four).working_bytes == hessians
+    stacked = est(then=(core.recipe.Stage(score="sparsegpt", **two_four),))
+    assert stacked.working_bytes - small.working_bytes == hessians
     ppl = est(method="depth", score="ppl_drop")
     assert ppl.logits_bytes > 0 and small.logits_bytes == 0  # whole-model logits need the head
     distance = est(method="depth", score="shapley_mc", options={"utility": "logit_distance"})

@@ -130,18 +130,21 @@ def hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> HessianFactor:
     """Factor X^T X for SparseGPT: dead inputs (H_jj = 0) get H_jj = 1, lambda = damp * mean(diag H), one Cholesky
     (retried with 10x the dampening while H is not positive definite). Only the upper triangle of `gram` is read
     (the Cholesky factorisation reads the lower triangle of its reversed copy), so `core.stats.InputGram`
-    accumulates only that."""
-    flipped = torch.flip(gram.detach().float(), (0, 1))  # a copy: P H P
-    diag = flipped.diagonal()
+    accumulates only that. The factorisation overwrites that copy: one n x n buffer besides `gram`."""
+    diag = gram.detach().diagonal().float()
     dead = diag == 0
-    diag[dead] = 1.0
-    step = damp * diag.mean()
-    diag += step
+    step = damp * torch.where(dead, 1.0, diag).mean()
+    info = torch.empty((), dtype=torch.int32)
     for attempt in range(6):
-        lower, info = torch.linalg.cholesky_ex(flipped)
-        if info == 0 and torch.isfinite(lower).all():
-            return HessianFactor(lower, torch.flip(dead, (0,)))
-        diag += step * (10 ** (attempt + 1) - 10 ** attempt)
+        flipped = torch.flip(gram.detach().float(), (0, 1))  # a copy: P H P
+        d = flipped.diagonal()
+        d[torch.flip(dead, (0,)).to(d.device)] = 1.0
+        d += step * 10 ** attempt
+        # its column-major view, factored as upper: LAPACK writes the factor in place (a row-major call would copy)
+        _, info = torch.linalg.cholesky_ex(flipped.mT, upper=True, out=(flipped.mT, info))
+        if info == 0 and torch.isfinite(flipped).all():
+            return HessianFactor(flipped, dead)
+        del flipped
     raise torch.linalg.LinAlgError("the calibration Hessian is not positive definite even with 1e5x dampening")
 
 
