@@ -1,7 +1,7 @@
 """Unstructured and N:M sparsity of the decoder blocks' Linear weights: magnitude, Wanda, SparseGPT, Taylor.
 Shapes stay: the model is no smaller in memory and no faster without sparse kernels (2:4 on Ampere or newer GPUs).
-On the reference model at 50% zeros (no fine-tuning; held-out perplexity 21.19 dense), SparseGPT reaches 22.00,
-Wanda 22.21, magnitude 22.48; at 2:4, 23.03 / 24.25 / 24.60 (bench/results/sparsity_reference_cpu.md).
+On the reference model at 50% zeros (no fine-tuning; held-out perplexity 21.19 dense), SparseGPT reaches 22.03,
+Wanda 22.36, magnitude 22.48; at 2:4, 23.14 / 24.23 / 24.60 (bench/results/sparsity_reference_cpu.md).
 
 Weights are zeroed in place (use a structured stage first to also shrink the model). Embeddings and the LM head
 are never touched. Blocks are processed in order through the layer-by-layer pipeline: block i is
