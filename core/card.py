@@ -181,6 +181,8 @@ def model_card(summary: dict, recipe_yaml: str, repo_name: str, load_snippet: st
         f"{', '.join(l.get('skip', [])) or '-'} |" for l in layers)
     before, after = summary["params_before"], summary["params_after"]
     sparse_format = summary.get("sparse_format", "dense")
+    layout = ("compressed sparse weights" if sparse_format == "compressed" else
+              "uniform (plain transformers)" if summary["uniform"] else "per-layer sizes in `per_layer_config`")
     warnings = [w for w, on in ((SUBLAYER_WARNING, any(l.get("skip") for l in layers)),
                                 (COMPRESSED_WARNING, sparse_format == "compressed")) if on]
     warning = "".join(f"\n> **Warning:** {w}\n" for w in warnings)
@@ -206,7 +208,7 @@ A {"structurally " if "sparsity" not in summary else ""}pruned version of `{base
 - Attention parameters: {_fmt(summary['attention_params'][0])} -> {_fmt(summary['attention_params'][1])}
 - MLP parameters: {_fmt(summary['mlp_params'][0])} -> {_fmt(summary['mlp_params'][1])}
 - Calibration data: {summary.get('calibration') or 'none (weights only)'}
-- Checkpoint layout: {'compressed sparse weights' if sparse_format == 'compressed' else 'uniform (plain transformers)' if summary['uniform'] else 'per-layer sizes in `per_layer_config`'}: {reload_note(summary, sparse_format)}
+- Checkpoint layout: {layout}: {reload_note(summary, sparse_format)}
 
 | layer | query heads | KV heads | MLP width | removed sub-layers |
 |---|---|---|---|---|

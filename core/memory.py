@@ -9,8 +9,8 @@ where the block's working set is the block in the compute dtype, the rebuilt blo
 copy in the source dtype while it is written, the float copies a score makes of the largest projections, one
 batch's activations, the method's statistics and, for MLP pruning with data, the recordings of the calibration
 forward that spare a second one (core.replay; at most the block's size). The in-memory path holds the whole model
-in the compute dtype plus the same working set. Figures are estimates (within ~20% of the benchmarks in bench/results); they are meant
-for planning, not as limits.
+in the compute dtype plus the same working set. Figures are estimates (within ~20% of the benchmarks in
+bench/results); they are meant for planning, not as limits.
 """
 from __future__ import annotations
 

@@ -60,10 +60,14 @@ def hub_client_online():
 
 def tiny_model(family: str, seed: int = 0):
     """A randomly initialised tiny model of `family` in eval mode, every parameter (biases and norms too) random."""
+    return tiny_from_config(_configs()[family](), seed)
+
+
+def tiny_from_config(config, seed: int = 0):
+    """`tiny_model` of any config (e.g. a family's with one field changed)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = _configs()[family]()
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():

@@ -38,15 +38,10 @@ def _mean_nll(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _wide_heads_llama():
     """A tiny Llama whose heads are wider than the stream (4 x 32 > 64): o_proj is not square."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from conftest import COMMON
+    from transformers import LlamaConfig
+    from conftest import COMMON, tiny_from_config
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**COMMON, head_dim=32), attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_from_config(LlamaConfig(**COMMON, head_dim=32))
 
 
 def _attention_terms(layer, family: str, heads: int, kv: int, dh: int) -> tuple[list, list]:

@@ -138,13 +138,13 @@ def hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> HessianFactor:
     for attempt in range(6):
         flipped = torch.flip(gram.detach().float(), (0, 1))  # a copy: P H P
         d = flipped.diagonal()
-        d[torch.flip(dead, (0,)).to(d.device)] = 1.0
+        d[torch.flip(dead, (0,))] = 1.0
         d += step * 10 ** attempt
         # its column-major view, factored as upper: LAPACK writes the factor in place (a row-major call would copy)
         _, info = torch.linalg.cholesky_ex(flipped.mT, upper=True, out=(flipped.mT, info))
         if info == 0 and torch.isfinite(flipped).all():
             return HessianFactor(flipped, dead)
-        del flipped
+        del flipped  # before the next copy: at most one n x n buffer besides `gram`
     raise torch.linalg.LinAlgError("the calibration Hessian is not positive definite even with 1e5x dampening")
 
 
